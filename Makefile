@@ -1,0 +1,31 @@
+# Every setup step lives here: `make test` and `make demo` work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cellmtl-installed
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when the dependency declarations change, so a second `make setup` is instant.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade "pip>=23"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,export]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+demo: setup
+	$(BIN)/cellmtl demo --out outputs/demo
+
+bench: setup
+	$(BIN)/python benchmarks/bench_data.py
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,182 @@
+"""The `cellmtl` command line (SPEC section 2).
+
+Exit codes: 0 success, 2 bad input (one `error:` line naming the culprit, no traceback unless
+`--debug`), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cellmtl import __version__
+from cellmtl.errors import BadInputError, TrainingError
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", type=Path, required=required, help="YAML config (SPEC section 4)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set training.epochs=3 (value parsed as YAML); repeatable",
+    )
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from cellmtl.synth import write_experiment
+
+    manifest = write_experiment(args.out, n_stacks=args.stacks, n_frames=args.frames, size=args.size, seed=args.seed)
+    config = write_starter_config(manifest, Path(args.out) / "config.yaml")
+    print(f"wrote {args.stacks} stacks and {manifest}", file=sys.stderr)
+    print(f"train on it with: cellmtl train --config {config}", file=sys.stderr)
+    print(manifest)
+    return 0
+
+
+def write_starter_config(manifest: Path, path: Path) -> Path:
+    """A config next to synthetic data, so `synth` is followed by `check-data`/`train` at once."""
+    import yaml
+
+    from cellmtl.demo import DEMO_CONFIG
+
+    raw = json.loads(json.dumps(DEMO_CONFIG))
+    raw["data"]["manifest"] = str(Path(manifest).resolve())
+    raw["experiment_name"] = "synthetic"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cellmtl.config import load_config
+    from cellmtl.training import train
+
+    if args.config is None and args.resume is None:
+        raise BadInputError("train needs --config CFG (or --resume RUN_DIR_OR_CKPT)")
+    cfg = None if args.resume is not None else load_config(args.config, args.overrides)
+    run_dir = train(cfg, resume=args.resume, overrides=args.overrides)
+    print(run_dir)
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from cellmtl.config import load_config
+    from cellmtl.data.check import check_data
+
+    cfg = load_config(args.config, args.overrides)
+    print(check_data(cfg))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellmtl.evaluation import evaluate_run
+
+    out = evaluate_run(args.run, checkpoint=args.checkpoint, split=args.split)
+    print(out)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cellmtl.inference import predict
+
+    if (args.manifest is None) == (not args.paths):
+        raise BadInputError("predict needs either --manifest CSV or image paths, not both")
+    out = predict(
+        args.checkpoint,
+        out=args.out,
+        manifest=args.manifest,
+        paths=args.paths,
+        device=args.device,
+        batch_size=args.batch_size,
+        frame_interval_hours=args.frame_interval_hours,
+    )
+    print(out)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cellmtl.demo import run_demo
+
+    print(run_demo(Path(args.out), epochs=args.epochs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellmtl",
+        description="Predict from microscopy images whether cells are infected and the time since onset.",
+    )
+    parser.add_argument("--version", action="version", version=f"cellmtl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for bad input too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic infection time-lapse experiment (TIFFs + manifest.csv)")
+    p.add_argument("--out", type=Path, required=True, help="folder to write into")
+    p.add_argument("--stacks", type=int, default=12, help="number of stacks (half infected)")
+    p.add_argument("--frames", type=int, default=24, help="frames per stack (1 h apart)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("train", help="train a model from a YAML config; prints the run folder")
+    _add_config_args(p, required=False)
+    p.add_argument("--resume", type=Path, help="run folder or checkpoint to continue (same folder)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics and plots of a trained run on a split")
+    p.add_argument("--run", type=Path, required=True, help="run folder")
+    p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
+    p.add_argument("--split", choices=("val", "test"), default="val")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict infection and time for new stacks")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, help="manifest CSV of the stacks (condition optional)")
+    p.add_argument("paths", nargs="*", type=Path, help="stack files or folders (instead of --manifest)")
+    p.add_argument("--out", type=Path, required=True, help="per-frame predictions CSV")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--frame-interval-hours", type=float, default=None,
+                   help="for PATH inputs: hours between frames (default: the training config's)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="synth + train + evaluate with built-in defaults (minutes on a laptop CPU)")
+    p.add_argument("--out", type=Path, default=Path("outputs/demo"))
+    p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("check-data", help="read every stack of a config; report counts, shapes, times, problems")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_check_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except BadInputError as exc:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    except TrainingError as exc:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Typed, validated configuration (SPEC section 4).
+
+The config is validated once, at load: an unknown key, a wrong type or an impossible value is a
+`BadInputError` naming the dotted key and the value. After that, code receives `Config` objects,
+never loose dicts. The resolved config is saved into every run folder and checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cellmtl.errors import BadInputError
+
+TaskMode = Literal["multitask", "classification", "regression"]
+CLS_METRICS = ("cls_auc", "cls_acc", "cls_precision", "cls_recall", "cls_f1", "cls_loss")
+REG_METRICS = ("reg_mae", "reg_rmse", "reg_mse", "reg_mae_infected", "reg_mae_uninfected", "reg_loss")
+
+
+class _Strict(BaseModel):
+    # extra="forbid" is what turns a misplaced or misspelt key into an error instead of silence.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FrameSelection(_Strict):
+    """Which frames of each stack a split uses."""
+
+    stride: int = Field(1, ge=1, description="keep every n-th frame")
+    hour_window: tuple[float, float] | None = Field(
+        None, description="[min, max] hours_since_start (inclusive); null = all"
+    )
+    max_per_stack: int | None = Field(None, ge=1, description="at most N frames per stack, evenly spaced")
+
+    @field_validator("hour_window")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and v[0] > v[1]:
+            raise ValueError(f"hour_window must be [min, max], got {list(v)}")
+        return v
+
+
+class FramesConfig(_Strict):
+    train: FrameSelection = Field(default_factory=FrameSelection)
+    val: FrameSelection = Field(default_factory=FrameSelection)
+    test: FrameSelection = Field(default_factory=FrameSelection)
+
+
+class AugmentConfig(_Strict):
+    """Training-only augmentation that respects microscopy (no colour jitter, no RGB ops)."""
+
+    enabled: bool = True
+    flips: bool = True
+    rot90: bool = True
+    intensity_scale: float = Field(0.1, ge=0.0, lt=1.0, description="per-channel gain drawn in 1 +/- this")
+    intensity_offset: float = Field(0.05, ge=0.0, description="per-channel offset drawn in +/- this")
+    noise_std: float = Field(0.0, ge=0.0, description="gaussian noise std after normalisation")
+
+
+class NormalizationConfig(_Strict):
+    """`dataset`: per-channel percentiles measured once on training frames; keeps brightness differences
+    between images (a reporter that is dark in mock wells stays dark). `per_image`: each image scaled by its
+    own percentiles; robust to gain drift between stacks but erases absolute intensity."""
+
+    mode: Literal["dataset", "per_image"] = "dataset"
+    percentiles: tuple[float, float] = (1.0, 99.8)
+    sample_frames: int = Field(256, ge=1, description="training frames sampled to measure dataset percentiles")
+
+    @field_validator("percentiles")
+    @classmethod
+    def _pct(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0.0 <= v[0] < v[1] <= 100.0):
+            raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {list(v)}")
+        return v
+
+
+class DataConfig(_Strict):
+    manifest: Path | None = None
+    infected_dir: Path | None = None
+    uninfected_dir: Path | None = None
+    train_stacks: list[str] = Field(default_factory=list)
+    val_stacks: list[str] = Field(default_factory=list)
+    test_stacks: list[str] = Field(default_factory=list)
+    val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="automatic split: share of stacks for val")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="automatic split: share of stacks for test")
+    frame_interval_hours: float = Field(1.0, gt=0.0)
+    channels: list[int] | None = None
+    image_size: int = Field(128, ge=16, le=2048)
+    pre_onset: Literal["drop", "keep", "as_uninfected"] = "drop"
+    num_workers: int = Field(2, ge=0)
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    frames: FramesConfig = Field(default_factory=FramesConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("channels")
+    @classmethod
+    def _channels(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("channels must be null (all) or a non-empty list of channel indices")
+            if any(c < 0 for c in v) or len(set(v)) != len(v):
+                raise ValueError(f"channels must be distinct non-negative indices, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        dirs = (self.infected_dir is not None, self.uninfected_dir is not None)
+        if self.manifest is None and not all(dirs):
+            raise ValueError("give data.manifest, or both data.infected_dir and data.uninfected_dir")
+        if self.manifest is not None and any(dirs):
+            raise ValueError("give either data.manifest or data.infected_dir/uninfected_dir, not both")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must leave stacks for training")
+        return self
+
+
+class ModelConfig(_Strict):
+    name: str = "resnet18"
+    pretrained: bool = False
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    head_hidden: int = Field(256, ge=8)
+
+
+class TaskConfig(_Strict):
+    mode: TaskMode = "multitask"
+
+
+class MultitaskConfig(_Strict):
+    infection_onset_hour: float | None = 0.0
+    classification_weight: float = Field(1.0, ge=0.0)
+    regression_weight: float = Field(1.0, ge=0.0)
+    pos_weight: float | Literal["auto"] | None = Field(
+        None, description="BCE pos_weight; 'auto' = n_uninfected / n_infected on the training split"
+    )
+    time_scale_hours: float | None = Field(
+        None, gt=0.0, description="time targets are divided by this before SmoothL1; null = training-split std"
+    )
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(50, ge=1)
+    batch_size: int = Field(32, ge=1)
+    select_metric: str | None = Field(None, description="default cls_auc; reg_mae for task.mode regression")
+    early_stopping_patience: int | None = Field(None, ge=1)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    grad_clip_norm: float | None = Field(1.0, gt=0.0)
+    amp: bool = True
+    device: str = "auto"
+    progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not v.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+
+class OptimizerConfig(_Strict):
+    lr: float = Field(0.001, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+
+
+class Config(_Strict):
+    experiment_name: str = "experiment"
+    output_dir: Path = Path("outputs")
+    seed: int = 42
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    multitask: MultitaskConfig = Field(default_factory=MultitaskConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+    @field_validator("experiment_name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or "/" in v or "\\" in v or v in (".", ".."):
+            raise ValueError(f"experiment_name must be a plain folder name, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _select_metric(self) -> Config:
+        mode = self.task.mode
+        metric = self.training.select_metric
+        if metric is None:
+            self.training.select_metric = "reg_mae" if mode == "regression" else "cls_auc"
+            return self
+        allowed = {"total_loss"}
+        if mode != "regression":
+            allowed.update(CLS_METRICS)
+        if mode != "classification":
+            allowed.update(REG_METRICS)
+        if metric not in allowed:
+            raise ValueError(
+                f"training.select_metric {metric!r} is not available for task.mode {mode!r}; "
+                f"choose one of {sorted(allowed)}"
+            )
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}")
+        elif e["type"] == "missing":
+            parts.append(f"missing key {loc!r}")
+        else:
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
+    return f"config {source}: " + "; ".join(parts)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value parsed as a YAML scalar or list)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise BadInputError(f"--set {item!r}: expected key=value, e.g. training.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise BadInputError(f"--set {item!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `a.b=value` set; unknown keys are left for the schema to reject."""
+    out = yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise BadInputError(f"--set {item!r}: {'.'.join(path[: i + 1])} is not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
+    if not isinstance(raw, dict):
+        raise BadInputError(f"config {source}: expected a mapping of keys at the top level")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise BadInputError(_format_validation_error(err, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read YAML, apply `--set` overrides, validate. Relative data paths are resolved later (see `resolve_path`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise BadInputError(f"config {path}{where}: not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise BadInputError(f"config {path}: expected a mapping of keys at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = config_from_dict(raw, str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def resolve_path(p: Path, config_dir: Path | None) -> Path:
+    """Relative paths: the current folder first (as users type them), then the config's own folder."""
+    if p.is_absolute() or config_dir is None or p.exists():
+        return p.resolve() if p.exists() else p
+    alt = config_dir / p
+    return alt.resolve() if alt.exists() else p
+
+
+def resolve_paths(cfg: Config, config_dir: Path | None) -> Config:
+    data = cfg.data
+    updates = {}
+    for key in ("manifest", "infected_dir", "uninfected_dir"):
+        value = getattr(data, key)
+        if value is not None:
+            updates[key] = resolve_path(value, config_dir)
+    return cfg.model_copy(update={"data": data.model_copy(update=updates)})
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """JSON/YAML-safe dict (paths as strings, tuples as lists); loads back with `config_from_dict`."""
+    return cfg.model_dump(mode="json")
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

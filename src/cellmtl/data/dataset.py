@@ -1,0 +1,262 @@
+"""From a validated config to per-frame samples: the experiment, its sample index, the Dataset.
+
+The sample index is a handful of numpy arrays (one entry per frame), and frames are read lazily by
+`StackReader`s inside DataLoader workers, so memory stays flat however many stacks an experiment has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cellmtl.config import AugmentConfig, Config, FrameSelection
+from cellmtl.data.manifest import StackRecord, load_manifest, records_from_dirs
+from cellmtl.data.splits import assign_splits
+from cellmtl.data.targets import hours_since_start, select_frames, time_targets
+from cellmtl.data.transforms import Normalizer, augment, fit_normalizer, resize
+from cellmtl.errors import BadInputError
+from cellmtl.io import StackInfo, StackReader, probe_stack
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    """One entry per frame. `infected` is -1 and `time_target` NaN where unknown (unlabelled stacks)."""
+
+    stack: np.ndarray  # int32, index into the experiment's stack list
+    frame: np.ndarray  # int32, frame number within the stack
+    hours: np.ndarray  # float32, hours since experiment start
+    infected: np.ndarray  # int8: 1, 0 or -1
+    time_target: np.ndarray  # float32 hours (since onset if infected, since start if not)
+
+    def __len__(self) -> int:
+        return len(self.stack)
+
+    @staticmethod
+    def concat(parts: Sequence[SampleIndex]) -> SampleIndex:
+        if not parts:
+            empty = np.zeros(0)
+            return SampleIndex(*(empty.astype(t) for t in ("int32", "int32", "float32", "int8", "float32")))
+        return SampleIndex(*(np.concatenate([getattr(p, f) for p in parts]) for f in SampleIndex.__annotations__))
+
+
+def stack_index(
+    rec: StackRecord, info: StackInfo, stack_no: int, selection: FrameSelection, pre_onset: str
+) -> SampleIndex:
+    """Frames of one stack, with targets (SPEC section 1), after pre-onset policy and frame selection."""
+    hours = hours_since_start(info.n_frames, rec.frame_interval_hours, rec.start_hour)
+    if rec.infected is None:
+        target = np.full(hours.shape, np.nan)
+        label = np.full(hours.shape, -1, dtype=np.int8)
+        keep = np.ones(hours.shape, dtype=bool)
+    else:
+        target, label, keep = time_targets(hours, rec.infected, rec.onset_hour, pre_onset)
+    idx = select_frames(
+        hours,
+        stride=selection.stride,
+        hour_window=selection.hour_window,
+        max_per_stack=selection.max_per_stack,
+        candidates=keep,
+    )
+    return SampleIndex(
+        stack=np.full(len(idx), stack_no, dtype=np.int32),
+        frame=idx.astype(np.int32),
+        hours=hours[idx].astype(np.float32),
+        infected=label[idx],
+        time_target=target[idx].astype(np.float32),
+    )
+
+
+def probe_records(records: Sequence[StackRecord], channels: Sequence[int] | None) -> list[StackInfo]:
+    """Probe every stack (shape, dtype, integrity) and check that channels agree across stacks."""
+    infos: list[StackInfo] = []
+    for rec in records:
+        try:
+            infos.append(probe_stack(rec.path))
+        except BadInputError as exc:
+            raise BadInputError(f"stack_id {rec.stack_id}: {exc}") from None
+    for rec, info in zip(records, infos):
+        if channels is not None:
+            bad = [c for c in channels if c >= info.n_channels]
+            if bad:
+                raise BadInputError(
+                    f"stack_id {rec.stack_id} ({rec.path}): data.channels {list(channels)} asks for channel "
+                    f"{bad[0]} but the stack has {info.n_channels} channel(s)"
+                )
+        elif info.n_channels != infos[0].n_channels:
+            raise BadInputError(
+                f"stack_id {rec.stack_id} ({rec.path}) has {info.n_channels} channel(s) but stack_id "
+                f"{records[0].stack_id} has {infos[0].n_channels}; set data.channels to pick common ones"
+            )
+    return infos
+
+
+@dataclass
+class Experiment:
+    """All stacks of a config, probed, with their split. `channels` is the resolved channel selection."""
+
+    records: list[StackRecord]
+    infos: list[StackInfo]
+    splits: dict[str, str]
+    channels: list[int]
+
+    def split_records(self, split: str) -> list[int]:
+        return [i for i, r in enumerate(self.records) if self.splits.get(r.stack_id) == split]
+
+    def index(self, split: str, selection: FrameSelection, pre_onset: str) -> SampleIndex:
+        parts = [
+            stack_index(self.records[i], self.infos[i], i, selection, pre_onset) for i in self.split_records(split)
+        ]
+        return SampleIndex.concat(parts)
+
+
+def load_records(cfg: Config, *, labelled: bool = True) -> list[StackRecord]:
+    d = cfg.data
+    onset = cfg.multitask.infection_onset_hour
+    if d.manifest is not None:
+        return load_manifest(d.manifest, default_interval=d.frame_interval_hours, default_onset=onset, labelled=labelled)
+    assert d.infected_dir is not None and d.uninfected_dir is not None  # guaranteed by DataConfig
+    return records_from_dirs(d.infected_dir, d.uninfected_dir, default_interval=d.frame_interval_hours,
+                             default_onset=onset)
+
+
+def load_experiment(cfg: Config, splits: dict[str, str] | None = None) -> Experiment:
+    """Manifest (or folders) -> probed stacks -> splits (`splits` given: a resumed run's own). Every
+    problem is a BadInputError."""
+    records = load_records(cfg)
+    d = cfg.data
+    if splits is not None:
+        known = {r.stack_id for r in records}
+        missing = sorted(set(splits) - known)
+        if missing:
+            raise BadInputError(f"the run's stack {missing[0]!r} is no longer in the manifest")
+    splits = splits or assign_splits(
+        records,
+        train_stacks=d.train_stacks,
+        val_stacks=d.val_stacks,
+        test_stacks=d.test_stacks,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=cfg.seed,
+        need_both_classes=cfg.task.mode != "regression",
+    )
+    infos = probe_records(records, d.channels)
+    channels = list(d.channels) if d.channels is not None else list(range(infos[0].n_channels))
+    return Experiment(records, infos, splits, channels)
+
+
+def sample_pixels(
+    readers: Sequence[StackReader],
+    index: SampleIndex,
+    channels: Sequence[int],
+    *,
+    n_frames: int,
+    rng: np.random.Generator,
+    pixels_per_frame: int = 20000,
+) -> list[np.ndarray]:
+    """`[C, N]` random pixel samples from up to `n_frames` frames of `index`, for dataset percentiles."""
+    if len(index) == 0:
+        return []
+    picks = rng.choice(len(index), size=min(n_frames, len(index)), replace=False)
+    out = []
+    for i in np.sort(picks):
+        img = readers[int(index.stack[i])].read(int(index.frame[i]), channels)
+        flat = img.reshape(img.shape[0], -1)
+        take = rng.choice(flat.shape[1], size=min(pixels_per_frame, flat.shape[1]), replace=False)
+        out.append(flat[:, take])
+    return out
+
+
+def build_normalizer(cfg: Config, exp: Experiment, train_index: SampleIndex) -> Normalizer:
+    n = cfg.data.normalization
+    samples: list[np.ndarray] = []
+    if n.mode == "dataset":
+        readers = [StackReader(info) for info in exp.infos]
+        rng = np.random.default_rng(cfg.seed)
+        samples = sample_pixels(readers, train_index, exp.channels, n_frames=n.sample_frames, rng=rng)
+        for r in readers:
+            r.close()
+    return fit_normalizer(n.mode, n.percentiles, samples)
+
+
+class TimeCourseDataset(Dataset):
+    """Per-frame samples: dict with `image` float32 `[C, H, W]`, `infected` (float 0/1, -1 unknown),
+    `time_h` (hours, NaN unknown), `has_time`, and metadata `stack_id`, `frame`, `hours_since_start`.
+
+    Keys may be an int, or `(int, epoch)` from `EpochSampler` so augmentation differs per epoch yet is
+    reproducible whatever the number of workers: each sample's generator is seeded from
+    (seed, epoch, index).
+    """
+
+    def __init__(
+        self,
+        infos: Sequence[StackInfo],
+        stack_ids: Sequence[str],
+        index: SampleIndex,
+        *,
+        channels: Sequence[int],
+        image_size: int,
+        normalizer: Normalizer,
+        augment_cfg: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.readers = [StackReader(info) for info in infos]
+        self.stack_ids = list(stack_ids)
+        self.index = index
+        self.channels = list(channels)
+        self.image_size = image_size
+        self.normalizer = normalizer
+        self.augment_cfg = augment_cfg
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def load_image(self, i: int) -> torch.Tensor:
+        """Read, resize and normalise frame i of the index: float32 `[C, image_size, image_size]`."""
+        s, f = int(self.index.stack[i]), int(self.index.frame[i])
+        img = torch.from_numpy(self.readers[s].read(f, self.channels))
+        return self.normalizer(resize(img, self.image_size))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        i, epoch = (key, 0) if isinstance(key, int | np.integer) else key
+        i = int(i)
+        img = self.load_image(i)
+        if self.augment_cfg is not None:
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
+            img = augment(img, self.augment_cfg, gen)
+        t = float(self.index.time_target[i])
+        return {
+            "image": img.float(),
+            "infected": torch.tensor(float(self.index.infected[i])),
+            "time_h": torch.tensor(t, dtype=torch.float32),
+            "has_time": torch.tensor(bool(np.isfinite(t))),
+            "stack_id": self.stack_ids[int(self.index.stack[i])],
+            "frame": int(self.index.frame[i]),
+            "hours_since_start": float(self.index.hours[i]),
+        }
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled (or sequential) indices paired with the epoch, so per-sample augmentation is seeded
+    by (seed, epoch, index) rather than by worker-local global RNG state."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int) -> None:
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = range(self.n)
+        return iter([(i, self.epoch) for i in order])
+
+    def __len__(self) -> int:
+        return self.n

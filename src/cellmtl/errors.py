@@ -1,0 +1,13 @@
+"""Errors that the CLI turns into exit codes.
+
+A `BadInputError` is the user's to fix (a file, a manifest row, a config key): the CLI prints one
+``error: ...`` line and exits 2, without a traceback. Anything else is our bug and exits 1.
+"""
+
+
+class BadInputError(Exception):
+    """Bad config, manifest or image. The message must name the culprit (file, row, key, value)."""
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (e.g. repeated non-finite losses); exits 1 with one ``error:`` line."""

@@ -1,0 +1,385 @@
+"""Readers for time-lapse stacks: one TIFF (multi-page, ImageJ hyperstack, OME-TIFF), a folder of per-frame
+images, or a single 2-D image.
+
+Every reader yields float32 ``[C, Y, X]`` frames with raw intensities (no rescaling); a Z axis is max-projected.
+Frames are read lazily so that a `StackReader` can be shipped to DataLoader workers. Every bad input raises
+`BadInputError` naming the file (and the frame or page where relevant).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+from cellmtl.errors import BadInputError
+
+TIFF_SUFFIXES = (".tif", ".tiff")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+SUPPORTED_IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
+SUPPORTED_DTYPES = frozenset({"uint8", "uint16", "int8", "int16", "uint32", "int32", "float16", "float32", "float64"})
+# tifffile axis letters we understand; 'S' (RGB samples) counts as channels. Others ('I', 'Q', ...) are unknown.
+_CANON = {"T": "T", "Z": "Z", "C": "C", "S": "C", "Y": "Y", "X": "X"}
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    """What `probe_stack` found; all a `StackReader` needs (so it pickles cheaply)."""
+
+    path: str  # absolute path as string
+    format: str  # 'imagej' | 'ome' | 'tiff' | 'folder' | 'image'
+    n_frames: int  # T
+    n_channels: int  # C (1 if no channel axis; RGB samples 'S' count as channels)
+    height: int  # Y
+    width: int  # X
+    dtype: str  # numpy dtype name of the stored data, e.g. 'uint16'
+    axes: str  # the file's own axes string, e.g. 'TCYX', 'TZCYX', 'YX'; 'T' + per-file axes for folders
+    n_z: int = 1  # Z planes (max-projected on read)
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key so that 'frame_2' comes before 'frame_10' (digit runs compare as numbers)."""
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
+
+
+def list_folder_images(folder: str | Path) -> list[Path]:
+    """Image files of a folder (not recursive, hidden files skipped), natural-sorted by name."""
+    files = [
+        f
+        for f in Path(folder).iterdir()
+        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in SUPPORTED_IMAGE_SUFFIXES
+    ]
+    return sorted(files, key=lambda f: (natural_key(f.name), f.name))
+
+
+def map_axes(axes: str, shape: Sequence[int], path: str | Path) -> str:
+    """Map tifffile axes to one of 'TZCYX' per axis, '1' for a droppable singleton.
+
+    A single unknown non-singleton axis ('I' image sequence, 'Q' unknown, ...) is taken as T when there is no T.
+    """
+    out = [_CANON.get(a, "1" if n == 1 else "?") for a, n in zip(axes, shape, strict=True)]
+    unknown = "".join(a for a, o in zip(axes, out, strict=True) if o == "?")
+    if unknown and ("T" in out or len(unknown) > 1):
+        raise BadInputError(
+            f"cannot interpret axes {axes!r} (shape {tuple(shape)}) of {path}: unknown axes {unknown!r}"
+        )
+    letters = "".join("T" if o == "?" else o for o in out)
+    if letters.count("Y") != 1 or letters.count("X") != 1:
+        raise BadInputError(f"axes {axes!r} (shape {tuple(shape)}) of {path} lack a single Y and X axis")
+    return letters
+
+
+def _info_from_axes(path: Path, fmt: str, axes: str, shape: Sequence[int], dtype: np.dtype) -> StackInfo:
+    """Build a StackInfo after checking dtype, emptiness and axes."""
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise BadInputError(f"unsupported dtype {dtype.name} in {path}")
+    if math.prod(shape) == 0:
+        raise BadInputError(f"empty stack (shape {tuple(shape)}, axes {axes!r}) in {path}")
+    letters = map_axes(axes, shape, path)
+
+    def size(letter: str) -> int:
+        return math.prod(n for n, o in zip(shape, letters, strict=True) if o == letter)
+
+    return StackInfo(str(path), fmt, size("T"), size("C"), size("Y"), size("X"), dtype.name, axes, size("Z"))
+
+
+def to_zcyx(arr: np.ndarray, letters: str) -> np.ndarray:
+    """View one frame (axes `letters`, no T of size > 1) as [Z, C, Y, X]; several C/S axes are merged."""
+    arr = arr[tuple(0 if o in "1T" else slice(None) for o in letters)]
+    letters = letters.replace("1", "").replace("T", "")
+    order = sorted(range(len(letters)), key=lambda i: "ZCYX".index(letters[i]))  # stable: keeps C before S
+    nz = math.prod(arr.shape[i] for i in order if letters[i] == "Z")
+    arr = arr.transpose(order)
+    return arr.reshape(nz, -1, arr.shape[-2], arr.shape[-1])
+
+
+@contextmanager
+def _tifffile_errors() -> Iterator[list[str]]:
+    """Collect tifffile ERROR log records: for truncated/corrupt files tifffile often only logs and goes on."""
+    messages: list[str] = []
+
+    class _Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "invalid data type" not in record.getMessage():  # unknown private tag types are harmless
+                messages.append(record.getMessage())
+
+    handler, log = _Catch(logging.ERROR), logging.getLogger("tifffile")
+    saved = (log.level, log.propagate)
+    if not log.isEnabledFor(logging.ERROR):  # the app silenced tifffile: listen anyway, keep it quiet
+        log.setLevel(logging.ERROR)
+        log.propagate = False
+    log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+
+
+def _tiff_format(series: Any) -> str:
+    kind = str(getattr(series, "kind", "")).lower()
+    return kind if kind in ("imagej", "ome") else "tiff"
+
+
+def _check_tiff_complete(tf: tifffile.TiffFile, series: Any, path: Path) -> None:
+    """Compare the series with what the file really holds; tifffile pads truncated files silently."""
+    planes = series.size // series.keyframe.size
+    n_ifds = len(tf.pages)  # walks the whole IFD chain, so tifffile logs a cut-off chain
+    if n_ifds < planes and not (n_ifds == 1 and series.dataoffset is not None):  # 1 IFD: ImageJ/shaped >4 GB form
+        raise BadInputError(f"truncated TIFF {path}: {n_ifds} of {planes} pages present")
+    ij = tf.imagej_metadata or {}
+    if "images" in ij and int(ij["images"]) != planes:
+        raise BadInputError(f"ImageJ metadata says {ij['images']} images but series has {planes} in {path}")
+    if series.dataoffset is not None:
+        if series.dataoffset + series.size * series.dtype.itemsize > os.path.getsize(path):
+            raise BadInputError(f"truncated TIFF {path}: pixel data extends past the end of the file")
+        return
+    pages = list(series.pages)
+    if len(pages) != planes or any(p is None for p in pages):
+        raise BadInputError(f"truncated TIFF {path}: {len(pages)} of {planes} pages present")
+    for i, page in enumerate(pages):
+        ends = np.add(page.dataoffsets, page.databytecounts)
+        if len(ends) == 0 or int(ends.max()) > page.parent.filehandle.size:
+            raise BadInputError(f"truncated TIFF {path}: data of page {i} extends past the end of the file")
+
+
+def _check_last_ifd(tf: tifffile.TiffFile, path: Path) -> None:
+    """The last IFD, its next-IFD pointer and its tag values must lie inside the file (catches cut-off tails)."""
+    fh, fmt, index = tf.filehandle, tf.tiff, len(tf.pages) - 1
+    last = tf.pages.get(index, aspage=True)
+    fh.seek(last.offset)
+    raw = fh.read(fmt.tagnosize)
+    tagno = struct.unpack(fmt.tagnoformat, raw)[0] if len(raw) == fmt.tagnosize else 0
+    ends = [last.offset + fmt.tagnosize + tagno * fmt.tagsize + fmt.offsetsize]
+    ends += [tag.valueoffset + tag.valuebytecount for tag in last.tags.values()]
+    if tagno == 0 or max(ends) > fh.size:
+        raise BadInputError(f"truncated TIFF {path}: IFD of page {index} is cut off or empty")
+
+
+def _probe_tiff(path: Path) -> StackInfo:
+    with _tifffile_errors() as errors:
+        try:
+            with tifffile.TiffFile(path) as tf:
+                if not tf.series:
+                    raise BadInputError(f"no image series in TIFF {path}")
+                series = tf.series[0]
+                info = _info_from_axes(path, _tiff_format(series), series.axes, series.shape, series.dtype)
+                _check_tiff_complete(tf, series, path)
+                _check_last_ifd(tf, path)
+        except BadInputError:
+            raise
+        except Exception as exc:
+            raise BadInputError(f"cannot read TIFF {path}: {exc}") from exc
+    if errors:
+        raise BadInputError(f"corrupted or truncated TIFF {path}: {errors[0]}")
+    return info
+
+
+def _pil_array(path: Path, verify: bool = False) -> np.ndarray:
+    """Decode a PNG/JPEG fully: [Y, X] or [Y, X, S]; palette images become RGB(A).
+
+    `verify` also checks the PNG chunk CRCs, which catches truncations that Pillow's decoder lets pass.
+    """
+    try:
+        if verify:
+            with Image.open(path) as im:
+                im.verify()
+        with Image.open(path) as im:
+            if im.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                im = im.convert("RGBA" if "A" in im.mode or "transparency" in im.info else "RGB")
+            return np.asarray(im)
+    except Exception as exc:
+        raise BadInputError(f"cannot read image {path}: {exc}") from exc
+
+
+def _read_tiff_file(file: Path) -> tuple[np.ndarray, str]:
+    """Whole first series of a (one-frame) TIFF with its axes letters."""
+    with tifffile.TiffFile(file) as tf:
+        series = tf.series[0]
+        return tf.asarray(series=0).reshape(series.shape), map_axes(series.axes, series.shape, file)
+
+
+def _probe_file(path: Path) -> StackInfo:
+    suffix = path.suffix.lower()
+    if suffix in TIFF_SUFFIXES:
+        return _probe_tiff(path)
+    if suffix in PIL_SUFFIXES:
+        arr = _pil_array(path, verify=True)
+        return _info_from_axes(path, "image", "YX" if arr.ndim == 2 else "YXS", arr.shape, arr.dtype)
+    raise BadInputError(f"unsupported file type {suffix!r} of {path}; expected one of {SUPPORTED_IMAGE_SUFFIXES}")
+
+
+def _probe_folder(folder: Path) -> StackInfo:
+    files = list_folder_images(folder)
+    if not files:
+        raise BadInputError(f"no images ({', '.join(SUPPORTED_IMAGE_SUFFIXES)}) in folder {folder}")
+    first = _probe_file(files[0])
+    key = (first.n_channels, first.n_z, first.height, first.width, first.dtype)
+    for f in files:
+        info = first if f == files[0] else _probe_file(f)
+        if info.n_frames != 1:
+            raise BadInputError(f"{f} holds {info.n_frames} frames; a folder needs one frame per file")
+        got = (info.n_channels, info.n_z, info.height, info.width, info.dtype)
+        if got != key:
+            raise BadInputError(f"{f} has (C, Z, Y, X, dtype) = {got} but {files[0].name} has {key} in folder {folder}")
+    return replace(first, path=str(folder), format="folder", n_frames=len(files), axes="T" + first.axes)
+
+
+def probe_stack(path: str | Path) -> StackInfo:
+    """Open the file/folder, validate, return metadata. Raises BadInputError."""
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        raise BadInputError(f"no such file or folder: {p}")
+    return _probe_folder(p) if p.is_dir() else _probe_file(p)
+
+
+def _lead_axes(shape: Sequence[int], page_size: int) -> int:
+    """Number of leading series axes that index pages (pages iterate over all axes before Y, X[, S])."""
+    acc = 1
+    for i in range(len(shape) - 1, -1, -1):
+        acc *= shape[i]
+        if acc == page_size:
+            return i
+    return 0
+
+
+class StackReader:
+    """Reads single frames lazily.
+
+    Picklable: holds only the StackInfo; the open TiffFile (or np.memmap) is created on first read in the
+    current process (DataLoader worker), re-created after a fork, and dropped in __getstate__.
+    """
+
+    def __init__(self, info: StackInfo):
+        self.info = info
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid: int | None = None
+        self._tf: tifffile.TiffFile | None = None
+        self._mm: np.ndarray | None = None
+        self._files: list[Path] | None = None
+        self._letters, self._shape, self._lead = "", (), 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"info": self.info}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.info = state["info"]
+        self._reset()
+
+    def __enter__(self) -> StackReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Drop the file handle / memmap (reopened on the next read)."""
+        if self._tf is not None and self._pid == os.getpid():
+            self._tf.close()
+        self._reset()
+
+    def _open(self) -> None:
+        """Open the file in this process: memmap for contiguous uncompressed data, else keep the TiffFile."""
+        if self._pid is not None and self._pid != os.getpid():
+            self._reset()  # forked: never share a file position with the parent
+        if self._pid is not None:
+            return
+        path = self.info.path
+        if self.info.format == "folder":
+            self._files = list_folder_images(path)
+            if len(self._files) != self.info.n_frames:
+                raise BadInputError(f"folder {path} now has {len(self._files)} images, probed {self.info.n_frames}")
+        elif self.info.format != "image":
+            try:
+                tf = tifffile.TiffFile(path)
+                series = tf.series[0]
+                self._letters, self._shape = map_axes(series.axes, series.shape, path), tuple(series.shape)
+                self._lead = _lead_axes(self._shape, series.keyframe.size)
+                if series.dataoffset is not None:
+                    dtype = np.dtype(tf.byteorder + series.dtype.char)
+                    self._mm = np.memmap(path, dtype, mode="r", offset=series.dataoffset, shape=self._shape)
+                    tf.close()
+                else:
+                    self._tf = tf
+            except BadInputError:
+                raise
+            except Exception as exc:
+                raise BadInputError(f"cannot open TIFF {path}: {exc}") from exc
+        self._pid = os.getpid()
+
+    def _raw_frame(self, t: int) -> tuple[np.ndarray, str, str]:
+        """Stored pixels of frame t with their axes letters (T removed), plus the file to blame."""
+        if self.info.format in ("folder", "image"):
+            file = self._files[t] if self._files is not None else Path(self.info.path)
+            if file.suffix.lower() in TIFF_SUFFIXES:
+                return (*_read_tiff_file(file), str(file))
+            arr = _pil_array(file)
+            return arr, map_axes("YX" if arr.ndim == 2 else "YXS", arr.shape, file), str(file)
+        letters, ti = self._letters, self._letters.find("T")
+        rest = letters.replace("T", "")
+        if self._mm is not None:
+            return (self._mm if ti < 0 else np.take(self._mm, t, axis=ti)), rest, self.info.path
+        assert self._tf is not None
+        if ti < 0 or ti >= self._lead:  # one frame, or T inside a page: read the whole series
+            arr = self._tf.asarray(series=0).reshape(self._shape)
+            return (arr if ti < 0 else np.take(arr, t, axis=ti)), rest, self.info.path
+        lead = self._shape[: self._lead]
+        keys = np.take(np.arange(math.prod(lead)).reshape(lead), t, axis=ti).ravel().tolist()
+        arr = self._tf.asarray(key=keys, series=0)
+        return arr.reshape(lead[:ti] + lead[ti + 1 :] + self._shape[self._lead :]), rest, self.info.path
+
+    def read(self, t: int, channels: Sequence[int] | None = None) -> np.ndarray:
+        """float32 [C, Y, X] for frame t (Z max-projected), only the selected channels.
+
+        Raises BadInputError naming the file and frame if pixels are NaN/Inf or the data cannot be decoded.
+        """
+        info = self.info
+        if not 0 <= t < info.n_frames:
+            raise BadInputError(f"frame {t} out of range for {info.path} with {info.n_frames} frames")
+        chans = list(range(info.n_channels)) if channels is None else [int(c) for c in channels]
+        if any(not 0 <= c < info.n_channels for c in chans):
+            raise BadInputError(f"channels {chans} out of range for {info.path} with {info.n_channels} channels")
+        self._open()
+        file = info.path
+        try:
+            raw, letters, file = self._raw_frame(t)
+            zcyx = to_zcyx(raw, letters)
+            if zcyx.shape != (info.n_z, info.n_channels, info.height, info.width):
+                raise BadInputError(f"frame {t} of {file} has shape {zcyx.shape[1:]}, probed a different one")
+            with np.errstate(over="ignore"):  # float64 beyond float32 range becomes Inf, reported below
+                out = np.array(zcyx[:, chans].max(axis=0), dtype=np.float32, order="C")
+        except BadInputError:
+            raise
+        except Exception as exc:
+            raise BadInputError(f"cannot read frame {t} of {file}: {exc}") from exc
+        if info.dtype.startswith("float") and not np.isfinite(out).all():
+            raise BadInputError(f"NaN/Inf pixels in frame {t} of {file}")
+        return out
+
+
+def read_stack(path: str | Path) -> np.ndarray:
+    """Whole stack as float32 [T, C, Y, X] (small files, tests, synthetic checks)."""
+    info = probe_stack(path)
+    with StackReader(info) as reader:
+        return np.stack([reader.read(t) for t in range(info.n_frames)])
+
+
+def check_finite_stack(info: StackInfo) -> None:
+    """Read every frame (for `check-data`): raises BadInputError on NaN/Inf or undecodable frames."""
+    with StackReader(info) as reader:
+        for t in range(info.n_frames):
+            reader.read(t)

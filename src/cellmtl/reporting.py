@@ -1,0 +1,346 @@
+"""Talk-ready PNG plots of a run: learning curves, ROC, confusion matrix, predicted vs true time.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never through pyplot, so there is
+no global figure state to leak or close and this works headless and from worker threads. Each function
+writes one file and returns its path (or None when the plot would be meaningless, e.g. ROC with one
+class). Inputs are validated through :mod:`cellmtl.metrics`, so non-finite predictions raise ValueError.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cellmtl.metrics import LOSS_NAMES, classification_metrics, metric_direction, regression_metrics
+
+DPI = 120
+# Okabe-Ito colours: distinguishable with colour-vision deficiency and on a projector.
+COLOR_TRAIN = "#0072B2"
+COLOR_VAL = "#D55E00"
+COLOR_UNINFECTED = "#0072B2"
+COLOR_INFECTED = "#D55E00"
+CLASS_NAMES = ("uninfected", "infected")
+
+TITLE_SIZE = 13
+LABEL_SIZE = 12
+TICK_SIZE = 10
+LEGEND_SIZE = 10
+
+LEARNING_CURVES = "learning_curves.png"
+ROC = "roc.png"
+CONFUSION = "confusion_matrix.png"
+TIME_SCATTER = "time_scatter.png"
+
+# Title and y-axis label for each logged quantity (without its train_/val_ prefix).
+_QUANTITY_LABELS: dict[str, tuple[str, str]] = {
+    "total_loss": ("Total loss", "loss"),
+    "cls_loss": ("Classification loss", "loss"),
+    "reg_loss": ("Time regression loss", "loss"),
+    "cls_auc": ("ROC AUC (infected)", "AUC"),
+    "cls_acc": ("Accuracy", "accuracy"),
+    "cls_precision": ("Precision (infected)", "precision"),
+    "cls_recall": ("Recall (infected)", "recall"),
+    "cls_f1": ("F1 (infected)", "F1"),
+    "reg_mae": ("Time MAE", "MAE (hours)"),
+    "reg_rmse": ("Time RMSE", "RMSE (hours)"),
+    "reg_mse": ("Time MSE", "MSE (hours²)"),
+    "reg_mae_infected": ("Time MAE, infected", "MAE (hours)"),
+    "reg_mae_uninfected": ("Time MAE, uninfected", "MAE (hours)"),
+    "lr": ("Learning rate", "learning rate"),
+}
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title, fontsize=TITLE_SIZE)
+    ax.set_xlabel(xlabel, fontsize=LABEL_SIZE)
+    ax.set_ylabel(ylabel, fontsize=LABEL_SIZE)
+    ax.tick_params(labelsize=TICK_SIZE)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    fig.clear()  # free the artists now; the figure is not registered anywhere else
+    return path
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    """'val_cls_auc' -> ('val', 'cls_auc'); 'lr' -> (None, 'lr')."""
+    for split in ("train", "val"):
+        if key.startswith(split + "_"):
+            return split, key[len(split) + 1 :]
+    return None, key
+
+
+def _finite(value: object) -> bool:
+    return (
+        isinstance(value, (int, float, np.integer, np.floating))
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _quantity_order(base: str) -> tuple[int, int, str]:
+    """Losses first (in LOSS_NAMES order), then metrics as known, then anything else, learning rate last."""
+    known = list(_QUANTITY_LABELS)
+    if base == "lr":
+        return (3, 0, base)
+    if base in LOSS_NAMES:
+        return (0, LOSS_NAMES.index(base), base)
+    if base in known:
+        return (1, known.index(base), base)
+    return (2, 0, base)
+
+
+def plot_learning_curves(history: Sequence[Mapping[str, float | None]], out_dir: Path) -> list[Path]:
+    """Write out_dir/learning_curves.png: one panel per logged quantity against epoch.
+
+    history: one dict per epoch, e.g. {'epoch': 1, 'train_total_loss': .., 'val_cls_auc': .., 'lr': ..}.
+    train_X and val_X share a panel; None/NaN values are skipped; the best val epoch is marked. Returns the
+    written paths ([] when history has nothing to plot).
+    """
+    # base quantity -> split -> (epochs, values)
+    series: dict[str, dict[str | None, tuple[list[float], list[float]]]] = {}
+    for i, row in enumerate(history):
+        epoch = row.get("epoch")
+        x = float(epoch) if _finite(epoch) else float(i + 1)
+        for key, value in row.items():
+            if key == "epoch" or not _finite(value):
+                continue
+            split, base = _split_key(key)
+            xs, ys = series.setdefault(base, {}).setdefault(split, ([], []))
+            xs.append(x)
+            ys.append(float(value))  # type: ignore[arg-type]
+    if not series:
+        return []
+
+    bases = sorted(series, key=_quantity_order)
+    ncols = min(3, len(bases))
+    nrows = math.ceil(len(bases) / ncols)
+    fig = _new_figure(5.0 * ncols, 3.8 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, base in zip(axes[: len(bases)], bases, strict=True):
+        title, ylabel = _QUANTITY_LABELS.get(base, (base.replace("_", " "), base))
+        for split, (xs, ys) in series[base].items():
+            color = COLOR_VAL if split == "val" else COLOR_TRAIN
+            label = split if split is not None else None
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.8, color=color, label=label)
+            if split == "val" and ys:
+                try:
+                    direction = metric_direction(base)
+                except ValueError:
+                    direction = None
+                if direction is not None:
+                    best = int(np.argmin(ys) if direction == "min" else np.argmax(ys))
+                    ax.plot(
+                        [xs[best]],
+                        [ys[best]],
+                        marker="*",
+                        markersize=13,
+                        color=color,
+                        linestyle="none",
+                        label=f"best val {ys[best]:.4g} (epoch {xs[best]:g})",
+                    )
+        if base == "lr" and all(y > 0 for _, ys in series[base].values() for y in ys):
+            ax.set_yscale("log")
+        _style(ax, title, "epoch", ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=LEGEND_SIZE)
+    for ax in axes[len(bases) :]:
+        ax.set_visible(False)
+    return [_save(fig, Path(out_dir) / LEARNING_CURVES)]
+
+
+def _roc_points(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct score threshold, starting at (0, 0) and ending at (1, 1)."""
+    order = np.argsort(-score, kind="mergesort")
+    s, y = score[order], positive[order]
+    last_of_run = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each tie group
+    tps = np.cumsum(y)[last_of_run]
+    fps = (last_of_run + 1) - tps
+    return np.r_[0.0, fps / max(fps[-1], 1)], np.r_[0.0, tps / max(tps[-1], 1)]
+
+
+def plot_roc(infected: np.ndarray, prob: np.ndarray, path: Path, threshold: float = 0.5) -> Path | None:
+    """ROC curve of the infected head with AUC in the legend and the operating point at ``threshold``.
+
+    infected: (N,) 0/1; prob: (N,) P(infected). Returns None and writes nothing when only one class
+    (or no sample) is present, since ROC is then undefined.
+    """
+    m = classification_metrics(infected, prob, threshold=threshold)
+    if m["cls_auc"] is None:
+        return None
+    y = np.asarray(infected, dtype=float).reshape(-1) == 1
+    p = np.asarray(prob, dtype=float).reshape(-1)
+    fpr, tpr = _roc_points(y, p)
+    pred = p >= threshold
+    op_fpr = float(np.sum(pred & ~y) / np.sum(~y))
+    op_tpr = float(np.sum(pred & y) / np.sum(y))
+
+    fig = _new_figure(5.5, 5.0)
+    ax = fig.subplots()
+    ax.plot(fpr, tpr, color=COLOR_INFECTED, linewidth=2.2, label=f"model (AUC = {m['cls_auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance (AUC = 0.5)")
+    ax.plot(
+        [op_fpr], [op_tpr], marker="o", markersize=8, color="black", linestyle="none", label=f"threshold {threshold:g}"
+    )
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    _style(ax, f"ROC: infected vs uninfected (n = {y.size})", "false positive rate", "true positive rate")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=LEGEND_SIZE)
+    return _save(fig, path)
+
+
+def plot_confusion(infected: np.ndarray, prob: np.ndarray, path: Path, threshold: float = 0.5) -> Path:
+    """2x2 confusion matrix (rows: true, columns: predicted at ``prob >= threshold``) with counts and row %."""
+    m = classification_metrics(infected, prob, threshold=threshold)
+    y = (np.asarray(infected, dtype=float).reshape(-1) == 1).astype(int)
+    pred = (np.asarray(prob, dtype=float).reshape(-1) >= threshold).astype(int)
+    counts = np.zeros((2, 2), dtype=int)
+    np.add.at(counts, (y, pred), 1)
+    row_totals = counts.sum(axis=1, keepdims=True)
+    row_frac = np.divide(counts, row_totals, out=np.zeros((2, 2)), where=row_totals > 0)
+
+    fig = _new_figure(5.2, 4.6)
+    ax = fig.subplots()
+    image = ax.imshow(row_frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    cbar.set_label("fraction of true class", fontsize=LABEL_SIZE)
+    cbar.ax.tick_params(labelsize=TICK_SIZE)
+    for i in range(2):
+        for j in range(2):
+            color = "white" if row_frac[i, j] > 0.5 else "black"
+            ax.text(
+                j,
+                i,
+                f"{counts[i, j]}\n({100 * row_frac[i, j]:.1f}%)",
+                ha="center",
+                va="center",
+                fontsize=LABEL_SIZE + 1,
+                color=color,
+            )
+    ax.set_xticks([0, 1], labels=CLASS_NAMES)
+    ax.set_yticks([0, 1], labels=CLASS_NAMES)
+    acc = m["cls_acc"]
+    subtitle = f"accuracy {acc:.3f}, threshold {threshold:g}" if acc is not None else f"threshold {threshold:g}"
+    _style(ax, f"Confusion matrix (n = {y.size})\n{subtitle}", "predicted", "true")
+    return _save(fig, path)
+
+
+def plot_time_scatter(
+    time_true: np.ndarray,
+    time_pred: np.ndarray,
+    infected: np.ndarray,
+    path: Path,
+    mask: np.ndarray | None = None,
+) -> Path | None:
+    """Predicted vs true time in hours, coloured by true class, with y = x and per-class MAE in the legend.
+
+    Infected times count from infection onset, uninfected ones from experiment start. ``mask`` (bool,
+    (N,)) keeps samples with a time target. Returns None and writes nothing when no sample remains.
+    """
+    m = regression_metrics(time_true, time_pred, infected=infected, mask=mask)
+    if m["reg_mae"] is None:
+        return None
+    t = np.asarray(time_true, dtype=float).reshape(-1)
+    p = np.asarray(time_pred, dtype=float).reshape(-1)
+    y = np.asarray(infected, dtype=float).reshape(-1) == 1
+    keep = np.ones(t.size, dtype=bool) if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
+
+    fig = _new_figure(5.8, 5.4)
+    ax = fig.subplots()
+    alpha = 0.7 if keep.sum() < 500 else 0.3
+    for is_inf, name, color, key in (
+        (False, "uninfected", COLOR_UNINFECTED, "reg_mae_uninfected"),
+        (True, "infected", COLOR_INFECTED, "reg_mae_infected"),
+    ):
+        sel = keep & (y == is_inf)
+        if not sel.any():
+            continue
+        ax.scatter(
+            t[sel],
+            p[sel],
+            s=14,
+            alpha=alpha,
+            color=color,
+            edgecolors="none",
+            label=f"{name} (n = {int(sel.sum())}, MAE {m[key]:.2f} h)",
+        )
+    lo = float(min(t[keep].min(), p[keep].min()))
+    hi = float(max(t[keep].max(), p[keep].max()))
+    pad = 0.03 * (hi - lo) if hi > lo else 1.0
+    lo, hi = lo - pad, hi + pad
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1.2, label="y = x")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
+    _style(ax, f"Predicted vs true time (MAE {m['reg_mae']:.2f} h)", "true time (hours)", "predicted time (hours)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=LEGEND_SIZE)
+    fig.text(
+        0.5,
+        0.005,
+        "infected: hours since onset · uninfected: hours since experiment start",
+        ha="center",
+        va="bottom",
+        fontsize=TICK_SIZE - 1,
+        color="dimgrey",
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    fig.clear()
+    return path
+
+
+def write_run_plots(
+    run_dir: Path, history: Sequence[Mapping[str, float | None]], val: Mapping[str, np.ndarray | None] | None
+) -> list[Path]:
+    """Write all plots of a run into run_dir/'plots' and return the files written.
+
+    val: validation arrays keyed 'infected', 'prob', 'time_true', 'time_pred', 'time_mask' (each (N,));
+    'prob' or 'time_pred' may be missing/None for single-task runs, and then their plots are skipped.
+    """
+    plots = Path(run_dir) / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    written = plot_learning_curves(history, plots)
+    if val is None:
+        return written
+    infected = val.get("infected")
+    if infected is None:
+        raise ValueError("val needs 'infected' to plot validation results")
+    prob = val.get("prob")
+    if prob is not None:
+        roc = plot_roc(infected, prob, plots / ROC)
+        if roc is not None:
+            written.append(roc)
+        written.append(plot_confusion(infected, prob, plots / CONFUSION))
+    time_pred = val.get("time_pred")
+    if time_pred is not None:
+        time_true = val.get("time_true")
+        if time_true is None:
+            raise ValueError("val has 'time_pred' but no 'time_true'")
+        scatter = plot_time_scatter(time_true, time_pred, infected, plots / TIME_SCATTER, mask=val.get("time_mask"))
+        if scatter is not None:
+            written.append(scatter)
+    return written

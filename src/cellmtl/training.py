@@ -1,0 +1,488 @@
+"""Training: `setup` validates and builds, `fit` loops, `validate` scores; the run folder of SPEC section 5.
+
+Selection: the model of the epoch with the best `training.select_metric` on the validation split is
+kept as `best.pt`; the test split, when there is one, is scored with those weights only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cellmtl.checkpoints import atomic_save, load_checkpoint, resolve_checkpoint
+from cellmtl.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
+from cellmtl.data.dataset import (
+    EpochSampler,
+    Experiment,
+    SampleIndex,
+    TimeCourseDataset,
+    build_normalizer,
+    load_experiment,
+)
+from cellmtl.data.transforms import Normalizer
+from cellmtl.errors import BadInputError, TrainingError
+from cellmtl.inference import (
+    Predictions,
+    autocast_ctx,
+    autocast_for,
+    make_loader,
+    prediction_rows,
+    run_model,
+    write_csv,
+)
+from cellmtl.losses import MultiTaskLoss
+from cellmtl.metrics import compute_metrics, format_metrics, metric_direction
+from cellmtl.models import ModelSpec, MultiTaskResNet, build_model
+from cellmtl.reporting import write_run_plots
+
+MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"training.device {name!r}: no CUDA device is available here")
+    return torch.device(name)
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """`{output_dir}/{experiment_name}/{run_id}`, run_id sortable by time and unique."""
+    parent = Path(cfg.output_dir) / cfg.experiment_name
+    parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):
+        run_dir = parent / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            time.sleep(0.001)
+    raise RuntimeError(f"could not create a unique run folder in {parent}")
+
+
+def make_logger(run_dir: Path) -> logging.Logger:
+    """A logger of this run only: train.log (appended on resume) and stderr."""
+    logger = logging.getLogger(f"cellmtl.run.{run_dir.resolve()}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        logger.removeHandler(h)
+    fh = logging.FileHandler(run_dir / "train.log", mode="a", encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(fh)
+    logger.addHandler(sh)
+    return logger
+
+
+def close_logger(logger: logging.Logger) -> None:
+    for h in list(logger.handlers):
+        h.close()
+        logger.removeHandler(h)
+
+
+@dataclass
+class Setup:
+    """Everything `fit` needs, built once from a validated config."""
+
+    cfg: Config
+    run_dir: Path
+    device: torch.device
+    exp: Experiment
+    train_ds: TimeCourseDataset
+    val_ds: TimeCourseDataset
+    test_ds: TimeCourseDataset | None
+    normalizer: Normalizer
+    model: MultiTaskResNet
+    loss_fn: MultiTaskLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    logger: logging.Logger
+    history: list[dict[str, Any]] = field(default_factory=list)
+    start_epoch: int = 0
+    best_metric: float | None = None
+    best_epoch: int = 0
+    wall_time_s: float = 0.0
+
+
+def time_scaling(index: SampleIndex, fixed_scale: float | None) -> tuple[float, float]:
+    """(shift, scale) hours for the time target: training mean, and std (or the configured scale).
+    Scaling keeps SmoothL1 in its useful range whatever the experiment's length."""
+    t = index.time_target[np.isfinite(index.time_target)]
+    if len(t) == 0:
+        return 0.0, fixed_scale or 1.0
+    scale = fixed_scale or max(float(np.std(t)), 1.0)
+    return float(np.mean(t)), scale
+
+
+def resolve_pos_weight(cfg: Config, index: SampleIndex) -> float | None:
+    pw = cfg.multitask.pos_weight
+    if pw != "auto":
+        return pw
+    n_pos = int((index.infected == 1).sum())
+    n_neg = int((index.infected == 0).sum())
+    return n_neg / max(n_pos, 1)
+
+
+def lr_lambda_factory(total_steps: int, warmup_steps: int):
+    def lr_lambda(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return lr_lambda
+
+
+def datasets(cfg: Config, exp: Experiment, normalizer: Normalizer) -> tuple[TimeCourseDataset, ...]:
+    d = cfg.data
+    ids = [r.stack_id for r in exp.records]
+    out = []
+    for split in ("train", "val", "test"):
+        index = exp.index(split, getattr(d.frames, split), d.pre_onset)
+        if split == "test" and not exp.split_records("test"):
+            out.append(None)
+            continue
+        if len(index) == 0:
+            raise BadInputError(f"the {split} split has no frames left after data.pre_onset and data.frames")
+        out.append(
+            TimeCourseDataset(
+                exp.infos,
+                ids,
+                index,
+                channels=exp.channels,
+                image_size=d.image_size,
+                normalizer=normalizer,
+                augment_cfg=d.augment if split == "train" else None,
+                seed=cfg.seed,
+            )
+        )
+    return tuple(out)
+
+
+def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: list[str] | None = None) -> Setup:
+    """Validate inputs, create (or reopen) the run folder, build data, model and optimiser.
+
+    On resume the config is the run's own (from last.pt) with `overrides` applied, so
+    `--set training.epochs=N` extends a finished run."""
+    ckpt = None
+    if resume is not None:
+        ckpt_path = resolve_checkpoint(resume, "last")
+        ckpt = load_checkpoint(ckpt_path)
+        cfg = config_from_dict(apply_overrides(ckpt["config"], overrides or []), f"{ckpt_path} (+ --set)")
+        run_dir = ckpt_path.parent.parent
+    if cfg is None:
+        raise BadInputError("train needs --config (or --resume RUN_DIR_OR_CKPT)")
+    torch.manual_seed(cfg.seed)
+    exp = load_experiment(cfg, splits=ckpt["splits"] if ckpt else None)
+    device = pick_device(cfg.training.device)
+    d = cfg.data
+    train_index = exp.index("train", d.frames.train, d.pre_onset)
+    if len(train_index) == 0:
+        raise BadInputError("the train split has no frames left after data.pre_onset and data.frames")
+    normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt else build_normalizer(cfg, exp, train_index)
+    train_ds, val_ds, test_ds = datasets(cfg, exp, normalizer)
+
+    if ckpt is None:
+        run_dir = new_run_dir(cfg)
+    logger = make_logger(run_dir)
+    spec = ModelSpec(cfg.model.name, len(exp.channels), cfg.task.mode, cfg.model.dropout, cfg.model.head_hidden)
+    model = build_model(spec, pretrained=cfg.model.pretrained and ckpt is None)
+    shift, scale = time_scaling(train_index, cfg.multitask.time_scale_hours)
+    model.set_time_scaling(shift, scale)
+    model.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    amp_dtype, needs_scaler = autocast_for(device, cfg.training.amp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    steps_per_epoch = math.ceil(len(train_ds) / cfg.training.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lr_lambda_factory(steps_per_epoch * cfg.training.epochs, round(steps_per_epoch * cfg.training.warmup_epochs)),
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
+    loss_fn = MultiTaskLoss(
+        cfg.task.mode,
+        cfg.multitask.classification_weight,
+        cfg.multitask.regression_weight,
+        resolve_pos_weight(cfg, train_ds.index),
+    )
+    s = Setup(cfg, run_dir, device, exp, train_ds, val_ds, test_ds, normalizer, model, loss_fn, optimizer,
+              scheduler, scaler, amp_dtype, logger)
+    if ckpt is not None:
+        restore(s, ckpt)
+    else:
+        write_run_files(s)
+    return s
+
+
+def restore(s: Setup, ckpt: dict[str, Any]) -> None:
+    s.model.load_state_dict(ckpt["model"])
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        s.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    s.history = list(ckpt["history"])
+    s.start_epoch = int(ckpt["epoch"])
+    s.best_metric = ckpt["best_metric"]
+    s.best_epoch = int(ckpt["best_epoch"])
+    s.wall_time_s = float(ckpt.get("wall_time_s", 0.0))
+    dump_config(s.cfg, s.run_dir / "config.yaml")  # --set on resume changes the resolved config
+    write_metrics_csv(s.history, s.run_dir / "metrics.csv")
+    s.logger.info("resumed %s at epoch %d of %d", s.run_dir, s.start_epoch, s.cfg.training.epochs)
+
+
+def write_run_files(s: Setup) -> None:
+    dump_config(s.cfg, s.run_dir / "config.yaml")
+    rows = [
+        {"stack_id": r.stack_id, "group": r.group, "condition": r.condition, "split": s.exp.splits[r.stack_id]}
+        for r in s.exp.records
+        if r.stack_id in s.exp.splits
+    ]
+    write_csv(rows, s.run_dir / "splits.csv", ["stack_id", "group", "condition", "split"])
+    counts = {sp: sum(1 for r in rows if r["split"] == sp) for sp in ("train", "val", "test")}
+    s.logger.info("run folder: %s", s.run_dir)
+    s.logger.info(
+        "stacks: %s | frames: train %d, val %d%s | device %s | model %s (%d channels) | task %s",
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        len(s.train_ds),
+        len(s.val_ds),
+        f", test {len(s.test_ds)}" if s.test_ds is not None else "",
+        s.device,
+        s.cfg.model.name,
+        len(s.exp.channels),
+        s.cfg.task.mode,
+    )
+
+
+def checkpoint_dict(s: Setup, epoch: int) -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "model": {k: v.detach().cpu() for k, v in s.model.state_dict().items()},
+        "model_spec": s.model.spec.to_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "scheduler": s.scheduler.state_dict(),
+        "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
+        "epoch": epoch,
+        "best_metric": s.best_metric,
+        "best_epoch": s.best_epoch,
+        "select_metric": s.cfg.training.select_metric,
+        "history": s.history,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        "config": config_to_dict(s.cfg),
+        "splits": dict(s.exp.splits),
+        "normalizer": s.normalizer.to_dict(),
+        "channels": list(s.exp.channels),
+        "image_size": s.cfg.data.image_size,
+        "time_shift": float(s.model.time_shift),
+        "time_scale": float(s.model.time_scale),
+        "run_id": s.run_dir.name,
+        "wall_time_s": s.wall_time_s,
+    }
+
+
+def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
+    rows = [{k: ("" if v is None else v) for k, v in h.items()} for h in history]
+    write_csv(rows, path)
+
+
+def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
+    """One pass over the training split. Non-finite losses skip the step; MAX_BAD_STEPS in a row stop
+    the run, naming the epoch, step and stacks."""
+    s.model.train()
+    sums = {"total": 0.0, "cls": 0.0, "reg": 0.0}
+    n, bad = 0, 0
+    memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format
+    bar = tqdm(loader, desc=f"epoch {epoch}/{s.cfg.training.epochs}", leave=False,
+               disable=not s.cfg.training.progress, file=sys.stderr)
+    for step, batch in enumerate(bar):
+        x = batch["image"].to(s.device, non_blocking=True).contiguous(memory_format=memory_format)
+        infected = batch["infected"].to(s.device, non_blocking=True)
+        has_time = batch["has_time"].to(s.device, non_blocking=True)
+        time_scaled = s.model.scale_time(batch["time_h"].to(s.device, non_blocking=True))
+        with autocast_ctx(s.device, s.amp_dtype):
+            out = s.model(x)
+        losses = s.loss_fn(out, infected, time_scaled, has_time)
+        if not torch.isfinite(losses["total"]):
+            bad += 1
+            s.optimizer.zero_grad(set_to_none=True)
+            s.logger.warning("non-finite loss at epoch %d step %d (stacks %s); step skipped", epoch, step,
+                             sorted(set(batch["stack_id"]))[:5])
+            if bad >= MAX_BAD_STEPS:
+                raise TrainingError(
+                    f"{bad} non-finite losses in a row at epoch {epoch}, step {step}; "
+                    f"stacks in the last batch: {', '.join(sorted(set(batch['stack_id'])))}"
+                )
+            continue
+        bad = 0
+        s.optimizer.zero_grad(set_to_none=True)
+        s.scaler.scale(losses["total"]).backward()
+        if s.cfg.training.grad_clip_norm is not None:
+            s.scaler.unscale_(s.optimizer)
+            torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.training.grad_clip_norm)
+        s.scaler.step(s.optimizer)
+        s.scaler.update()
+        s.scheduler.step()
+        b = x.shape[0]
+        for k in sums:
+            sums[k] += float(losses[k].detach()) * b  # a sync per step; negligible next to the step itself
+        n += b
+        bar.set_postfix(loss=f"{sums['total'] / n:.4f}")
+    return {f"train_{k}_loss": v / max(n, 1) for k, v in sums.items()}
+
+
+def score(s: Setup, ds: TimeCourseDataset, preds: Predictions) -> dict[str, float | None]:
+    """SPEC section 5's metrics and losses for a split, from collected predictions (hours)."""
+    idx = ds.index
+    infected = idx.infected.astype(np.float32)
+    has_time = np.isfinite(idx.time_target)
+    out: dict[str, torch.Tensor] = {}
+    if preds.logit is not None:
+        out["infected"] = torch.from_numpy(preds.logit)
+    if preds.time_pred_scaled is not None:
+        out["time"] = torch.from_numpy(preds.time_pred_scaled)
+    with torch.no_grad():
+        t_scaled = s.model.scale_time(torch.from_numpy(np.nan_to_num(idx.time_target)).to(s.model.time_shift.device))
+        losses = s.loss_fn(out, torch.from_numpy(infected), t_scaled.cpu(), torch.from_numpy(has_time))
+    metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
+    metrics.update(
+        compute_metrics(
+            infected=idx.infected.astype(np.int64),
+            prob=preds.prob,
+            time_true=idx.time_target if preds.time_pred is not None else None,
+            time_pred=preds.time_pred,
+            time_mask=has_time if preds.time_pred is not None else None,
+        )
+    )
+    return metrics
+
+
+def validate(s: Setup, ds: TimeCourseDataset, loader=None) -> tuple[dict[str, float | None], Predictions]:
+    loader = loader or make_loader(ds, batch_size=s.cfg.training.batch_size, num_workers=0, device=s.device)
+    preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype)
+    return score(s, ds, preds), preds
+
+
+def is_better(value: float | None, best: float | None, metric: str) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    if best is None:
+        return True
+    return value > best if metric_direction(metric) == "max" else value < best
+
+
+VAL_LOG_KEYS = ("total_loss", "cls_auc", "cls_acc", "reg_mae", "reg_rmse")
+
+
+def fit(s: Setup) -> dict[str, Any]:
+    """The epoch loop; returns results.json's content."""
+    cfg, log = s.cfg, s.logger
+    metric = cfg.training.select_metric
+    assert metric is not None  # resolved by Config
+    nw = cfg.data.num_workers
+    sampler = EpochSampler(len(s.train_ds), shuffle=True, seed=cfg.seed)
+    train_loader = make_loader(s.train_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
+                               sampler=sampler)
+    val_loader = make_loader(s.val_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device)
+    ckpt_dir = s.run_dir / "checkpoints"
+    stale = s.start_epoch - s.best_epoch
+    for epoch in range(s.start_epoch + 1, cfg.training.epochs + 1):
+        if cfg.training.early_stopping_patience and stale >= cfg.training.early_stopping_patience:
+            log.info("early stopping: no %s improvement for %d epochs", metric, stale)
+            break
+        t0 = time.perf_counter()
+        sampler.set_epoch(epoch)
+        lr = s.optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(s, train_loader, epoch)
+        val, _ = validate(s, s.val_ds, val_loader)
+        log.info("Epoch %d/%d", epoch, cfg.training.epochs)
+        log.info("train - total_loss: %.4f | cls_loss: %.4f | reg_loss: %.4f",
+                 train["train_total_loss"], train["train_cls_loss"], train["train_reg_loss"])
+        log.info("val: %s", format_metrics(val, [k for k in VAL_LOG_KEYS if k in val]).replace(": ", ":"))
+        s.wall_time_s += time.perf_counter() - t0
+        row = {"epoch": epoch, "lr": lr, **train, **{f"val_{k}": v for k, v in val.items()},
+               "epoch_time_s": round(time.perf_counter() - t0, 3)}
+        s.history.append(row)
+        if is_better(val.get(metric), s.best_metric, metric) or not (ckpt_dir / "best.pt").exists():
+            if is_better(val.get(metric), s.best_metric, metric):
+                s.best_metric = val.get(metric)
+                log.info("✓ New best model! %s=%.4f", metric, s.best_metric)
+            s.best_epoch, stale = epoch, 0
+            atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "best.pt")
+        else:
+            stale += 1
+        atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "last.pt")
+        write_metrics_csv(s.history, s.run_dir / "metrics.csv")
+    return finish(s)
+
+
+def val_arrays(ds: TimeCourseDataset, preds: Predictions) -> dict[str, np.ndarray | None]:
+    return {
+        "infected": ds.index.infected.astype(np.int64),
+        "prob": preds.prob,
+        "time_true": ds.index.time_target,
+        "time_pred": preds.time_pred,
+        "time_mask": np.isfinite(ds.index.time_target),
+    }
+
+
+def finish(s: Setup) -> dict[str, Any]:
+    """Score val (and test) with best.pt's weights; write predictions, plots and results.json."""
+    best = load_checkpoint(s.run_dir / "checkpoints" / "best.pt", map_location=s.device)
+    s.model.load_state_dict(best["model"])
+    val, val_preds = validate(s, s.val_ds)
+    write_csv(prediction_rows(s.val_ds, val_preds, s.exp.records), s.run_dir / "predictions_val.csv")
+    try:
+        write_run_plots(s.run_dir, s.history, val_arrays(s.val_ds, val_preds))
+    except ValueError as exc:  # e.g. non-finite predictions: keep the run, say why plots are missing
+        s.logger.warning("plots not written: %s", exc)
+    results: dict[str, Any] = {
+        "run_dir": str(s.run_dir),
+        "select_metric": s.cfg.training.select_metric,
+        "best_epoch": s.best_epoch,
+        "best": val,
+        "final": {k.removeprefix("val_"): v for k, v in s.history[-1].items() if k.startswith("val_")},
+        "epochs_run": len(s.history),
+        "history_length": len(s.history),
+        "wall_time_s": round(s.wall_time_s, 2),
+    }
+    if s.test_ds is not None:
+        test, test_preds = validate(s, s.test_ds)
+        results["test"] = test
+        write_csv(prediction_rows(s.test_ds, test_preds, s.exp.records), s.run_dir / "predictions_test.csv")
+        s.logger.info("test (best.pt, epoch %d): %s", s.best_epoch, format_metrics(test, VAL_LOG_KEYS))
+    tmp = s.run_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
+    tmp.replace(s.run_dir / "results.json")
+    s.logger.info("best epoch %d: %s", s.best_epoch, format_metrics(val, VAL_LOG_KEYS))
+    return results
+
+
+def train(cfg: Config | None, *, resume: str | Path | None = None, overrides: list[str] | None = None) -> Path:
+    """Train (or resume) a run; returns the run folder."""
+    s = setup(cfg, resume=resume, overrides=overrides)
+    try:
+        fit(s)
+    finally:
+        close_logger(s.logger)
+    return s.run_dir
