@@ -155,3 +155,98 @@ def write_csv(rows: Sequence[dict], path: Path, columns: Sequence[str] | None = 
         w.writeheader()
         w.writerows(rows)
     tmp.replace(path)
+
+
+def records_from_paths(paths: Sequence[Path], frame_interval_hours: float) -> list[StackRecord]:
+    """Unlabelled records for `predict PATH ...`: stack_id = file or folder name, made unique."""
+    from cellmtl.errors import BadInputError
+
+    out: list[StackRecord] = []
+    seen: set[str] = set()
+    for p in paths:
+        if not Path(p).exists():
+            raise BadInputError(f"file not found: {p}")
+        base = Path(p).name.split(".")[0] or Path(p).name
+        sid, k = base, 1
+        while sid in seen:
+            k += 1
+            sid = f"{base}_{k}"
+        seen.add(sid)
+        out.append(StackRecord(sid, str(Path(p).resolve()), None, None, frame_interval_hours, 0.0, None, sid))
+    return out
+
+
+def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
+    """One row per stack: mean prob_infected, pred_condition and, for stacks predicted infected,
+    `est_onset_hour` = median over its frames predicted infected of `hours_since_start - pred_time_hours`
+    (each such frame votes for when infection began)."""
+    by_stack: dict[str, list[dict]] = {}
+    for r in rows:
+        by_stack.setdefault(r["stack_id"], []).append(r)
+    out = []
+    for sid, frames in by_stack.items():
+        row: dict = {"stack_id": sid, "n_frames": len(frames)}
+        probs = [float(f["prob_infected"]) for f in frames if f["prob_infected"] != ""]
+        mean = float(np.mean(probs)) if probs else None
+        row["prob_infected"] = "" if mean is None else round(mean, 6)
+        row["pred_condition"] = "" if mean is None else ("infected" if mean >= threshold else "uninfected")
+        onset = ""
+        if mean is not None and mean >= threshold and frames[0]["pred_time_hours"] != "":
+            votes = [
+                f["hours_since_start"] - f["pred_time_hours"] for f in frames if float(f["prob_infected"]) >= threshold
+            ]
+            onset = round(float(np.median(votes)), 3) if votes else ""
+        row["est_onset_hour"] = onset
+        row["condition"] = frames[0].get("condition", "")
+        out.append(row)
+    return out
+
+
+def predict(
+    checkpoint: str | Path,
+    *,
+    out: str | Path,
+    manifest: str | Path | None = None,
+    paths: Sequence[Path] = (),
+    device: str = "auto",
+    batch_size: int = 32,
+    frame_interval_hours: float | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Per-frame predictions CSV at `out` and `<stem>.stacks.csv` beside it; returns `out`.
+
+    Uses the checkpoint's own channels, normalisation and image size. Labels are optional: where the
+    manifest gives a condition (and onset), `condition` and `time_target` columns are filled in."""
+    from cellmtl.checkpoints import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+    from cellmtl.config import FrameSelection
+    from cellmtl.data.dataset import SampleIndex, probe_records, stack_index
+    from cellmtl.data.manifest import load_manifest
+    from cellmtl.data.transforms import Normalizer
+    from cellmtl.training import pick_device
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_checkpoint(ckpt)
+    interval = frame_interval_hours or cfg.data.frame_interval_hours
+    if manifest is not None:
+        records = load_manifest(manifest, default_interval=interval,
+                                default_onset=cfg.multitask.infection_onset_hour, labelled=False)
+    else:
+        records = records_from_paths(list(paths), interval)
+    channels = list(ckpt["channels"])
+    infos = probe_records(records, channels)
+    # Every frame is predicted; pre-onset frames of labelled infected stacks get negative time targets.
+    every = FrameSelection()
+    parts = [stack_index(r, i, k, every, "keep") for k, (r, i) in enumerate(zip(records, infos, strict=True))]
+    index = SampleIndex.concat(parts)
+    ds = TimeCourseDataset(infos, [r.stack_id for r in records], index, channels=channels,
+                           image_size=int(ckpt["image_size"]), normalizer=Normalizer.from_dict(ckpt["normalizer"]))
+    dev = pick_device(device)
+    model = model_from_checkpoint(ckpt).to(dev)
+    loader = make_loader(ds, batch_size=batch_size, num_workers=num_workers, device=dev)
+    preds = run_model(model.eval(), loader, dev, progress=progress, desc="predict")
+    rows = prediction_rows(ds, preds, records)
+    out = Path(out)
+    write_csv(rows, out)
+    write_csv(stack_summary(rows), out.with_name(f"{out.stem}.stacks.csv"))
+    return out

@@ -314,14 +314,17 @@ def plot_time_scatter(
 
 
 def write_run_plots(
-    run_dir: Path, history: Sequence[Mapping[str, float | None]], val: Mapping[str, np.ndarray | None] | None
+    run_dir: Path,
+    history: Sequence[Mapping[str, float | None]],
+    val: Mapping[str, np.ndarray | None] | None,
+    subdir: str = "plots",
 ) -> list[Path]:
     """Write all plots of a run into run_dir/'plots' and return the files written.
 
     val: validation arrays keyed 'infected', 'prob', 'time_true', 'time_pred', 'time_mask' (each (N,));
     'prob' or 'time_pred' may be missing/None for single-task runs, and then their plots are skipped.
     """
-    plots = Path(run_dir) / "plots"
+    plots = Path(run_dir) / subdir
     plots.mkdir(parents=True, exist_ok=True)
     written = plot_learning_curves(history, plots)
     if val is None:

@@ -118,11 +118,11 @@ def render_stack(
     photons_per_count = rng.uniform(0.4, 2.0)
     read_noise = rng.uniform(3.0, 12.0)  # counts
     bleach = np.array([rng.uniform(0.008, 0.03), rng.uniform(0.006, 0.025)])  # per frame, ch0 / ch1
-    seed_fraction = rng.uniform(0.25, 0.45)  # occupied sites at hour 0
-    doubling_h = rng.uniform(14.0, 22.0)
+    seed_fraction = rng.uniform(0.28, 0.38)  # occupied sites at hour 0
+    doubling_h = rng.uniform(15.0, 20.0)
     reporter_strength = math.exp(rng.uniform(math.log(0.35), math.log(1.6)))
     reporter_lag = rng.uniform(1.0, 2.0)  # h from infection to half-maximal reporter
-    reporter_width = rng.uniform(0.6, 1.2)  # h, steepness of the reporter rise
+    reporter_hill = rng.uniform(2.5, 4.5)  # steepness of the reporter rise
     infected_fraction = rng.uniform(0.7, 0.95)
 
     # --- cell sites on a jittered grid that overhangs the image (cells are cut at the border) ---------------
@@ -139,45 +139,45 @@ def render_stack(
     cy = base_y[None, :] + walk[..., 0]  # [T, M]
     cx = base_x[None, :] + walk[..., 1]
 
-    # Logistic growth: site m is occupied once the occupied fraction exceeds its draw u_m.
-    u = rng.uniform(0.0, 0.97, M)
-    rate = math.log(2.0) / doubling_h
-    birth = np.log((1.0 / seed_fraction - 1.0) / (1.0 / u - 1.0)) / rate  # [M] h since start; < 0: seeded
-    infected = np.zeros(M, dtype=bool)
-    if infected_well:
-        infected = rng.uniform(size=M) < infected_fraction
-        # Infection arrests the cell cycle: infected cells born after onset never appear.
-        arrested = infected & (birth > onset + 0.5)
-        birth = np.where(arrested, np.inf, birth)
-    present = hours[:, None] >= birth[None, :]  # [T, M]
-    confluence = present.mean(axis=1)  # [T]
-
-    # --- per-cell traits ------------------------------------------------------------------------------------
+    # --- per-cell traits [M] ------------------------------------------------------------------------------
+    u = rng.uniform(0.0, 0.97, M)  # rank of the site in the growth order
     radius0 = np.clip(rng.normal(4.8, 0.5, M), 3.6, 6.2)  # px, nucleus equivalent radius
     aspect0 = rng.uniform(1.0, 1.55, M)
     angle = rng.uniform(0.0, math.pi, M)
     bright = np.exp(rng.normal(0.0, 0.2, M))
+    infected = rng.uniform(size=M) < infected_fraction if infected_well else np.zeros(M, dtype=bool)
     delay = rng.gamma(2.0, 0.4, M)  # h, cell-to-cell spread of infection within a well
+    lysis = 12.0 + rng.gamma(2.0, 6.0, M)  # h of infection after which the cell detaches (gone from view)
     response = np.exp(rng.normal(0.0, 0.35, M))  # cell reporter expression relative to the well
     p_r = 0.62 * np.sqrt(rng.uniform(size=(M, _N_PUNCTA)))  # puncta positions, fraction of the nucleus
     p_a = rng.uniform(0.0, 2 * math.pi, size=(M, _N_PUNCTA))
-    p_threshold = rng.uniform(1.0, 14.0, size=(M, _N_PUNCTA))  # h of infection at which each compartment forms
+    p_threshold = rng.uniform(1.5, 16.0, size=(M, _N_PUNCTA))  # h of infection at which each compartment forms
+
+    # --- who is there: logistic growth, arrest and lysis of infected cells [T, M] -------------------------------
+    # Site m is occupied once the occupied fraction exceeds its draw u_m.
+    rate = math.log(2.0) / doubling_h
+    birth = np.log((1.0 / seed_fraction - 1.0) / (1.0 / u - 1.0)) / rate  # [M] h since start; < 0: seeded
+    if infected_well:
+        tau_c = hours[:, None] - onset - delay[None, :]  # h since this cell got infected
+        tau_c = np.where(infected[None, :], tau_c, -np.inf)
+        # Infection arrests the cell cycle: infected cells due after onset are never born.
+        birth = np.where(infected & (birth > onset + 0.5), np.inf, birth)
+    else:
+        tau_c = np.full((T, M), -np.inf)
+    present = (hours[:, None] >= birth[None, :]) & (tau_c < lysis[None, :])
+    confluence = present.mean(axis=1)  # [T]
 
     # --- state of every cell in every frame [T, M] ------------------------------------------------------
     age = hours[:, None] - birth[None, :]  # h since the cell appeared; newborn daughters are small and bright
     newborn = np.exp(-np.clip(age, 0.0, None) / 1.0) * (birth[None, :] > 0)
-    if infected_well:
-        tau_c = hours[:, None] - onset - delay[None, :]  # h since this cell got infected
-        tau_c = np.where(infected[None, :], tau_c, -np.inf)
-    else:
-        tau_c = np.full((T, M), -np.inf)
     tau_pos = np.clip(tau_c, 0.0, None)
-    growth = 1.0 - np.exp(-tau_pos / 9.0)  # nuclear swelling, continues through the whole stack
+    growth = 1.0 - np.exp(-tau_pos / 12.0)  # nuclear swelling, continues through the whole stack
     late = np.where(np.isfinite(tau_c), _sigmoid((tau_c - 13.0) / 2.0), 0.0)  # rounding / condensation
-    reporter = np.where(np.isfinite(tau_c), _sigmoid((tau_c - reporter_lag) / reporter_width), 0.0)
+    # Hill-type rise: ~0 at infection, half-maximal after `reporter_lag` hours.
+    reporter = tau_pos**reporter_hill / (tau_pos**reporter_hill + reporter_lag**reporter_hill)
 
     crowding = 1.08 - 0.2 * confluence[:, None]  # contact inhibition: smaller nuclei when dense
-    radius = radius0[None, :] * crowding * (1.0 + 0.45 * growth) * (1.0 - 0.12 * late) * (1.0 - 0.2 * newborn)
+    radius = radius0[None, :] * crowding * (1.0 + 0.5 * growth) * (1.0 - 0.12 * late) * (1.0 - 0.2 * newborn)
     aspect = 1.0 + (aspect0[None, :] - 1.0) * (1.0 - late)
     edge = 0.9 - 0.45 * late  # px, soft edge of the nucleus; rounded cells have crisp outlines
     amp0 = 1100.0 * bright[None, :] * (1.0 + 0.9 * late) * (1.0 + 0.5 * newborn)

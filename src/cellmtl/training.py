@@ -351,25 +351,26 @@ def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
     return {f"train_{k}_loss": v / max(n, 1) for k, v in sums.items()}
 
 
-def score(s: Setup, ds: TimeCourseDataset, preds: Predictions) -> dict[str, float | None]:
+def score(
+    model: MultiTaskResNet, loss_fn: MultiTaskLoss, index: SampleIndex, preds: Predictions
+) -> dict[str, float | None]:
     """SPEC section 5's metrics and losses for a split, from collected predictions (hours)."""
-    idx = ds.index
-    infected = idx.infected.astype(np.float32)
-    has_time = np.isfinite(idx.time_target)
+    has_time = np.isfinite(index.time_target)
     out: dict[str, torch.Tensor] = {}
     if preds.logit is not None:
         out["infected"] = torch.from_numpy(preds.logit)
     if preds.time_pred_scaled is not None:
         out["time"] = torch.from_numpy(preds.time_pred_scaled)
     with torch.no_grad():
-        t_scaled = s.model.scale_time(torch.from_numpy(np.nan_to_num(idx.time_target)).to(s.model.time_shift.device))
-        losses = s.loss_fn(out, torch.from_numpy(infected), t_scaled.cpu(), torch.from_numpy(has_time))
+        hours = torch.from_numpy(np.nan_to_num(index.time_target))
+        t_scaled = (hours - model.time_shift.cpu()) / model.time_scale.cpu()
+        losses = loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)), t_scaled, torch.from_numpy(has_time))
     metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
     metrics.update(
         compute_metrics(
-            infected=idx.infected.astype(np.int64),
+            infected=index.infected.astype(np.int64),
             prob=preds.prob,
-            time_true=idx.time_target if preds.time_pred is not None else None,
+            time_true=index.time_target if preds.time_pred is not None else None,
             time_pred=preds.time_pred,
             time_mask=has_time if preds.time_pred is not None else None,
         )
@@ -380,7 +381,7 @@ def score(s: Setup, ds: TimeCourseDataset, preds: Predictions) -> dict[str, floa
 def validate(s: Setup, ds: TimeCourseDataset, loader=None) -> tuple[dict[str, float | None], Predictions]:
     loader = loader or make_loader(ds, batch_size=s.cfg.training.batch_size, num_workers=0, device=s.device)
     preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype)
-    return score(s, ds, preds), preds
+    return score(s.model, s.loss_fn, ds.index, preds), preds
 
 
 def is_better(value: float | None, best: float | None, metric: str) -> bool:

@@ -1,0 +1,113 @@
+"""Tiny experiment: train 2 epochs -> every run-folder file valid -> resume to 3 -> evaluate -> predict."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cellmtl.cli import main
+from cellmtl.metrics import METRIC_NAMES
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def cli(capsys, *args: str) -> str:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out.strip().splitlines()[-1]
+
+
+def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp_path):
+    run = Path(cli(capsys, "train", "--config", str(tiny_config), "--set", "data.test_fraction=0.25"))
+    assert run.parent == tmp_path / "outputs" / "t"
+    for name in ("checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "splits.csv", "results.json",
+                 "metrics.csv", "train.log", "predictions_val.csv", "predictions_test.csv",
+                 "plots/learning_curves.png", "plots/confusion_matrix.png", "plots/time_scatter.png"):
+        assert (run / name).is_file() and (run / name).stat().st_size > 0, name
+
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["channels"] == [0, 1] and ckpt["image_size"] == 32
+    assert ckpt["normalizer"]["mode"] == "dataset" and len(ckpt["normalizer"]["lo"]) == 2
+    assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best_metric", "splits"}
+
+    results = json.loads((run / "results.json").read_text())
+    assert results["epochs_run"] == 2 and 1 <= results["best_epoch"] <= 2
+    assert set(METRIC_NAMES) <= set(results["best"]) and "test" in results
+    metrics = read_csv(run / "metrics.csv")
+    assert [r["epoch"] for r in metrics] == ["1", "2"]
+    assert {"train_total_loss", "train_cls_loss", "train_reg_loss", "val_cls_auc", "val_reg_mae"} <= set(metrics[0])
+
+    splits = read_csv(run / "splits.csv")
+    assert len(splits) == 8 and {r["split"] for r in splits} == {"train", "val", "test"}
+    groups: dict[str, set[str]] = {}
+    for r in splits:
+        groups.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in groups.values()), "a group sits in two splits"
+
+    log = (run / "train.log").read_text()
+    assert "train - total_loss:" in log and "val: total_loss:" in log and "New best model! cls_auc=" in log
+
+    preds = read_csv(run / "predictions_val.csv")
+    val_ids = {r["stack_id"] for r in splits if r["split"] == "val"}
+    assert {p["stack_id"] for p in preds} == val_ids
+    assert {"stack_id", "frame", "hours_since_start", "prob_infected", "pred_condition", "pred_time_hours",
+            "condition", "time_target", "well"} <= set(preds[0])
+
+    # Resume to 3 epochs: same folder, metrics extended by one row, config updated.
+    again = Path(cli(capsys, "train", "--resume", str(run), "--set", "training.epochs=3"))
+    assert again == run
+    assert [r["epoch"] for r in read_csv(run / "metrics.csv")] == ["1", "2", "3"]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 3
+    assert yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"] == 3
+    assert json.loads((run / "results.json").read_text())["epochs_run"] == 3
+
+    out = Path(cli(capsys, "evaluate", "--run", str(run), "--split", "test"))
+    ev = json.loads(out.read_text())
+    assert ev["split"] == "test" and set(METRIC_NAMES) <= set(ev["metrics"])
+
+    pred_csv = tmp_path / "pred.csv"
+    cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(tiny_experiment),
+        "--out", str(pred_csv))
+    rows = read_csv(pred_csv)
+    assert len(rows) == 8 * 6  # every frame of every stack, pre-onset frames too
+    assert all(0.0 <= float(r["prob_infected"]) <= 1.0 for r in rows)
+    stacks = read_csv(tmp_path / "pred.stacks.csv")
+    assert len(stacks) == 8 and {"stack_id", "prob_infected", "pred_condition", "est_onset_hour"} <= set(stacks[0])
+
+
+def test_same_seed_same_metrics(capsys, tiny_config):
+    a = Path(cli(capsys, "train", "--config", str(tiny_config), "--set", "training.epochs=1"))
+    b = Path(cli(capsys, "train", "--config", str(tiny_config), "--set", "training.epochs=1"))
+    assert a != b
+    ra, rb = (json.loads((r / "results.json").read_text())["best"] for r in (a, b))
+    assert ra == rb
+
+
+def test_train_py_classification_mode(tiny_config, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(tiny_config), "--set", "task.mode=classification",
+         "--set", "training.epochs=1"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    run = Path(proc.stdout.strip().splitlines()[-1])
+    results = json.loads((run / "results.json").read_text())
+    assert results["select_metric"] == "cls_auc"
+    assert "cls_auc" in results["best"] and "reg_mae" not in results["best"]
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["model_spec"]["mode"] == "classification"
+    assert not any(k.startswith("time_head") for k in ckpt["model"])
