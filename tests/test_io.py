@@ -72,7 +72,7 @@ def test_imagej_hyperstack_tcyx_every_frame_and_channel_subset(tmp_path: Path) -
             out = reader.read(t, chans)
             assert out.dtype == np.float32 and out.shape == (len(chans), 16, 12)
             np.testing.assert_array_equal(out, arr[t, chans].astype(np.float32))
-    assert reader._mm is not None  # uncompressed contiguous: memory-mapped, not read whole
+    assert reader._fd is not None and reader._tf is None  # contiguous, T first: one pread per frame, not read whole
     reader.close()
 
 
@@ -412,7 +412,7 @@ def test_reader_pickles_after_read(tmp_path: Path, compression: str | None) -> N
     reader = StackReader(probe_stack(path))
     first = reader.read(2)
     clone = pickle.loads(pickle.dumps(reader))
-    assert clone._mm is None and clone._tf is None and clone.info == reader.info
+    assert clone._mm is None and clone._fd is None and clone._tf is None and clone.info == reader.info
     for t in range(5):
         np.testing.assert_array_equal(clone.read(t), reader.read(t))
     np.testing.assert_array_equal(clone.read(2), first)

@@ -270,6 +270,8 @@ class StackReader:
         self._pid: int | None = None
         self._tf: tifffile.TiffFile | None = None
         self._mm: np.ndarray | None = None
+        self._fd: int | None = None  # contiguous data with T first: frames read by os.pread
+        self._frame: tuple[int, np.dtype, tuple[int, ...]] | None = None  # (data offset, dtype, frame shape)
         self._files: list[Path] | None = None
         self._letters, self._shape, self._lead = "", (), 0
 
@@ -288,8 +290,11 @@ class StackReader:
 
     def close(self) -> None:
         """Drop the file handle / memmap (reopened on the next read)."""
-        if self._tf is not None and self._pid == os.getpid():
-            self._tf.close()
+        if self._pid == os.getpid():
+            if self._tf is not None:
+                self._tf.close()
+            if self._fd is not None:
+                os.close(self._fd)
         self._reset()
 
     def _open(self) -> None:
@@ -311,7 +316,12 @@ class StackReader:
                 self._lead = _lead_axes(self._shape, series.keyframe.size)
                 if series.dataoffset is not None:
                     dtype = np.dtype(tf.byteorder + series.dtype.char)
-                    self._mm = np.memmap(path, dtype, mode="r", offset=series.dataoffset, shape=self._shape)
+                    if self._letters.startswith("T"):
+                        # pread of one frame's bytes: no mapping that would keep every touched page in RSS
+                        self._fd = os.open(path, os.O_RDONLY)
+                        self._frame = (int(series.dataoffset), dtype, self._shape[1:])
+                    else:
+                        self._mm = np.memmap(path, dtype, mode="r", offset=series.dataoffset, shape=self._shape)
                     tf.close()
                 else:
                     self._tf = tf
@@ -331,6 +341,13 @@ class StackReader:
             return arr, map_axes("YX" if arr.ndim == 2 else "YXS", arr.shape, file), str(file)
         letters, ti = self._letters, self._letters.find("T")
         rest = letters.replace("T", "")
+        if self._fd is not None and self._frame is not None:
+            offset, dtype, shape = self._frame
+            nbytes = math.prod(shape) * dtype.itemsize
+            buf = os.pread(self._fd, nbytes, offset + t * nbytes)
+            if len(buf) != nbytes:
+                raise BadInputError(f"{self.info.path}: frame {t} is truncated ({len(buf)} of {nbytes} bytes)")
+            return np.frombuffer(buf, dtype).reshape(shape), rest, self.info.path
         if self._mm is not None:
             return (self._mm if ti < 0 else np.take(self._mm, t, axis=ti)), rest, self.info.path
         assert self._tf is not None

@@ -140,7 +140,7 @@ def render_stack(
     cx = base_x[None, :] + walk[..., 1]
 
     # --- per-cell traits [M] ------------------------------------------------------------------------------
-    u = rng.uniform(0.0, 0.97, M)  # rank of the site in the growth order
+    u = rng.uniform(0.0, 0.97, M)  # order in which sites fill up
     radius0 = np.clip(rng.normal(4.8, 0.5, M), 3.6, 6.2)  # px, nucleus equivalent radius
     aspect0 = rng.uniform(1.0, 1.55, M)
     angle = rng.uniform(0.0, math.pi, M)
@@ -153,10 +153,9 @@ def render_stack(
     p_a = rng.uniform(0.0, 2 * math.pi, size=(M, _N_PUNCTA))
     p_threshold = rng.uniform(1.5, 16.0, size=(M, _N_PUNCTA))  # h of infection at which each compartment forms
 
-    # --- who is there: logistic growth, arrest and lysis of infected cells [T, M] -------------------------------
-    # Site m is occupied once the occupied fraction exceeds its draw u_m.
-    rate = math.log(2.0) / doubling_h
-    birth = np.log((1.0 / seed_fraction - 1.0) / (1.0 / u - 1.0)) / rate  # [M] h since start; < 0: seeded
+    # --- who is there: growth, arrest and lysis of infected cells [T, M] -------------------------------
+    # Exponential growth until the sites run out: site m is occupied once seed_fraction * 2^(t / doubling_h) > u_m.
+    birth = doubling_h * np.log2(np.maximum(u, 1e-6) / seed_fraction)  # [M] h since start; < 0: seeded
     if infected_well:
         tau_c = hours[:, None] - onset - delay[None, :]  # h since this cell got infected
         tau_c = np.where(infected[None, :], tau_c, -np.inf)
