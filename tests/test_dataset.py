@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from PIL import Image
 
 from cellmtl.config import AugmentConfig, config_from_dict
 from cellmtl.data.dataset import EpochSampler, TimeCourseDataset, build_normalizer, load_experiment
@@ -47,15 +46,15 @@ def test_mixed_formats_shapes_and_targets(mixed):
     manifest, arrays = mixed
     cfg = cfg_for(manifest)
     exp = load_experiment(cfg)
-    shapes = {r.stack_id: (i.n_frames, i.n_channels, i.height, i.width) for r, i in zip(exp.records, exp.infos)}
+    shapes = {r.stack_id: (i.n_frames, i.n_channels, i.height, i.width) for r, i in zip(exp.records, exp.infos, strict=False)}
     assert shapes == {"hyper": (5, 2, 20, 24), "ome": (4, 2, 20, 24), "folder": (3, 2, 20, 24), "mock": (6, 2, 20, 24)}
     train = exp.index("train", cfg.data.frames.train, "drop")
     val = exp.index("val", cfg.data.frames.val, "drop")
     ids = [r.stack_id for r in exp.records]
     got = {(ids[s], int(f)): (float(h), int(y), float(t)) for s, f, h, y, t in
-           zip(train.stack, train.frame, train.hours, train.infected, train.time_target)}
+           zip(train.stack, train.frame, train.hours, train.infected, train.time_target, strict=False)}
     got.update({(ids[s], int(f)): (float(h), int(y), float(t)) for s, f, h, y, t in
-                zip(val.stack, val.frame, val.hours, val.infected, val.time_target)})
+                zip(val.stack, val.frame, val.hours, val.infected, val.time_target, strict=False)})
     expected = {}
     for f in range(5):  # interval 0.5 h, onset 1.5 h: frames 0-2 are before onset and dropped
         if f * 0.5 >= 1.5:

@@ -146,8 +146,15 @@ class TrainingConfig(_Strict):
     early_stopping_patience: int | None = Field(None, ge=1)
     warmup_epochs: float = Field(1.0, ge=0.0)
     grad_clip_norm: float | None = Field(1.0, gt=0.0)
+    bn_recalibration_samples: int = Field(
+        1024, ge=0, description="before each validation, re-estimate BatchNorm statistics on up to this many "
+        "training frames (0 = off)"
+    )
     amp: bool = True
     device: str = "auto"
+    num_threads: int | None = Field(
+        None, ge=1, description="CPU threads for PyTorch; null = cores not taken by DataLoader workers"
+    )
     progress: bool = True
 
     @field_validator("device")

@@ -27,7 +27,7 @@ DEMO_CONFIG: dict[str, Any] = {
         "channels": None,
         "image_size": 64,
         "pre_onset": "drop",
-        "num_workers": 0,
+        "num_workers": 1,
     },
     "model": {"name": "resnet18", "pretrained": False},
     "task": {"mode": "multitask"},

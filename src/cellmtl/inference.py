@@ -63,6 +63,7 @@ def make_loader(
     num_workers: int,
     device: torch.device,
     sampler: torch.utils.data.Sampler | None = None,
+    drop_last: bool = False,
 ) -> DataLoader:
     kwargs: dict = {}
     if num_workers > 0:
@@ -75,7 +76,7 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         collate_fn=collate_images,
-        drop_last=False,
+        drop_last=drop_last,
         **kwargs,
     )
 

@@ -108,9 +108,9 @@ def render_stack(
     infected_well = onset is not None
 
     # --- per-stack nuisance and kinetics ------------------------------------------------------------------
-    gain = math.exp(rng.uniform(math.log(0.6), math.log(1.6)))
-    chan_gain = np.exp(rng.normal(0.0, 0.15, size=2))
-    offset = rng.uniform(90.0, 220.0, size=2)  # camera offset + medium autofluorescence, counts
+    gain = math.exp(rng.uniform(math.log(0.75), math.log(1.35)))
+    chan_gain = np.exp(rng.normal(0.0, 0.1, size=2))
+    offset = rng.uniform(95.0, 135.0, size=2)  # camera offset + medium autofluorescence, counts
     focus = rng.uniform(0.5, 1.8)  # gaussian blur sigma, px
     focus_drift = rng.normal(0.0, 0.15, size=T)
     vignette = rng.uniform(0.0, 0.3)
@@ -118,9 +118,10 @@ def render_stack(
     photons_per_count = rng.uniform(0.4, 2.0)
     read_noise = rng.uniform(3.0, 12.0)  # counts
     bleach = np.array([rng.uniform(0.008, 0.03), rng.uniform(0.006, 0.025)])  # per frame, ch0 / ch1
-    seed_fraction = rng.uniform(0.28, 0.38)  # occupied sites at hour 0
-    doubling_h = rng.uniform(15.0, 20.0)
-    reporter_strength = math.exp(rng.uniform(math.log(0.35), math.log(1.6)))
+    seed_fraction = rng.uniform(0.30, 0.35)  # occupied sites at hour 0
+    doubling_h = rng.uniform(16.0, 19.0)
+    flow = rng.uniform(0.0, math.pi)  # direction dense cells align to
+    reporter_strength = math.exp(rng.uniform(math.log(0.5), math.log(1.6)))
     reporter_lag = rng.uniform(1.0, 2.0)  # h from infection to half-maximal reporter
     reporter_hill = rng.uniform(2.5, 4.5)  # steepness of the reporter rise
     infected_fraction = rng.uniform(0.7, 0.95)
@@ -175,13 +176,17 @@ def render_stack(
     # Hill-type rise: ~0 at infection, half-maximal after `reporter_lag` hours.
     reporter = tau_pos**reporter_hill / (tau_pos**reporter_hill + reporter_lag**reporter_hill)
 
-    crowding = 1.08 - 0.2 * confluence[:, None]  # contact inhibition: smaller nuclei when dense
+    # Contact inhibition: as the monolayer fills, nuclei get smaller, more elongated and align with each other.
+    packing = np.clip((confluence[:, None] - 0.3) / 0.5, 0.0, 1.0)  # [T, 1], 0 sparse .. 1 confluent
+    turn = (flow - angle[None, :] + 0.5 * math.pi) % math.pi - 0.5 * math.pi
+    orient = angle[None, :] + 0.8 * packing * turn  # [T, M]
+    crowding = 1.08 - 0.25 * packing
     radius = radius0[None, :] * crowding * (1.0 + 0.5 * growth) * (1.0 - 0.12 * late) * (1.0 - 0.2 * newborn)
-    aspect = 1.0 + (aspect0[None, :] - 1.0) * (1.0 - late)
+    aspect = 1.0 + (aspect0[None, :] - 1.0 + 0.5 * packing) * (1.0 - late)
     edge = 0.9 - 0.45 * late  # px, soft edge of the nucleus; rounded cells have crisp outlines
     amp0 = 1100.0 * bright[None, :] * (1.0 + 0.9 * late) * (1.0 + 0.5 * newborn)
-    amp1_diffuse = 40.0 * bright[None, :] + 1400.0 * reporter_strength * response[None, :] * reporter * (1 + 0.3 * late)
-    amp1_puncta = 1400.0 * reporter_strength * response[None, :] * reporter
+    amp1_diffuse = 25.0 * bright[None, :] + 1600.0 * reporter_strength * response[None, :] * reporter * (1 + 0.3 * late)
+    amp1_puncta = 1600.0 * reporter_strength * response[None, :] * reporter
     # Compartments form one by one as infection proceeds; mock nuclei keep faint nucleoli (0.2).
     punct = np.maximum(0.2, _sigmoid((tau_c[..., None] - p_threshold[None]) / 1.0))  # [T, M, K]
 
@@ -196,7 +201,7 @@ def render_stack(
         offs = np.arange(-_HALF_PATCH, _HALF_PATCH + 1)
         dy = (iy[:, None] + offs[None, :]) - qcy[:, None]  # [Q, P], px from the centre
         dx = (ix[:, None] + offs[None, :]) - qcx[:, None]
-        r, a, th = radius[t_idx, m_idx], aspect[t_idx, m_idx], angle[m_idx]
+        r, a, th = radius[t_idx, m_idx], aspect[t_idx, m_idx], orient[t_idx, m_idx]
         semi_u, semi_v = r * np.sqrt(a), r / np.sqrt(a)
         cos, sin = np.cos(th)[:, None, None], np.sin(th)[:, None, None]
         uu = dx[:, None, :] * cos + dy[:, :, None] * sin  # [Q, P(y), P(x)]

@@ -6,9 +6,11 @@ kept as `best.pt`; the test split, when there is one, is scored with those weigh
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,6 +59,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_threads(requested: int | None, num_workers: int) -> int:
+    """Threads for PyTorch's CPU ops. By default the cores that DataLoader workers leave free: on small
+    machines intra-op threads that compete with the workers (or with each other, on tiny 64-px tensors)
+    make training several times slower, not faster."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - num_workers)
+
+
 def new_run_dir(cfg: Config) -> Path:
     """`{output_dir}/{experiment_name}/{run_id}`, run_id sortable by time and unique."""
     parent = Path(cfg.output_dir) / cfg.experiment_name
@@ -102,6 +114,7 @@ class Setup:
     device: torch.device
     exp: Experiment
     train_ds: TimeCourseDataset
+    calib_ds: TimeCourseDataset  # training frames without augmentation, for BatchNorm statistics
     val_ds: TimeCourseDataset
     test_ds: TimeCourseDataset | None
     normalizer: Normalizer
@@ -190,10 +203,14 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     torch.manual_seed(cfg.seed)
     exp = load_experiment(cfg, splits=ckpt["splits"] if ckpt else None)
     device = pick_device(cfg.training.device)
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(cfg.training.num_threads, cfg.data.num_workers))
     d = cfg.data
     train_index = exp.index("train", d.frames.train, d.pre_onset)
-    if len(train_index) == 0:
-        raise BadInputError("the train split has no frames left after data.pre_onset and data.frames")
+    if len(train_index) < 2:
+        raise BadInputError(
+            f"the train split has {len(train_index)} frame(s) after data.pre_onset and data.frames; it needs at least 2"
+        )
     normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt else build_normalizer(cfg, exp, train_index)
     train_ds, val_ds, test_ds = datasets(cfg, exp, normalizer)
 
@@ -209,7 +226,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         model.to(memory_format=torch.channels_last)
     amp_dtype, needs_scaler = autocast_for(device, cfg.training.amp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
-    steps_per_epoch = math.ceil(len(train_ds) / cfg.training.batch_size)
+    steps_per_epoch = max(1, len(train_ds) // cfg.training.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lr_lambda_factory(steps_per_epoch * cfg.training.epochs, round(steps_per_epoch * cfg.training.warmup_epochs)),
@@ -221,7 +238,9 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         cfg.multitask.regression_weight,
         resolve_pos_weight(cfg, train_ds.index),
     )
-    s = Setup(cfg, run_dir, device, exp, train_ds, val_ds, test_ds, normalizer, model, loss_fn, optimizer,
+    calib_ds = copy.copy(train_ds)
+    calib_ds.augment_cfg = None
+    s = Setup(cfg, run_dir, device, exp, train_ds, calib_ds, val_ds, test_ds, normalizer, model, loss_fn, optimizer,
               scheduler, scaler, amp_dtype, logger)
     if ckpt is not None:
         restore(s, ckpt)
@@ -384,12 +403,51 @@ def validate(s: Setup, ds: TimeCourseDataset, loader=None) -> tuple[dict[str, fl
     return score(s.model, s.loss_fn, ds.index, preds), preds
 
 
-def is_better(value: float | None, best: float | None, metric: str) -> bool:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+TIE_TOL = 1e-4
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: MultiTaskResNet, loader, device: torch.device, max_samples: int,
+                          amp_dtype: torch.dtype | None = None) -> None:
+    """Re-estimate BatchNorm running statistics of the backbone on training frames with the current
+    weights ("precise BN"). With a few hundred frames an epoch, the running averages lag far behind fast-
+    changing weights and eval-mode outputs swing wildly between epochs; exact statistics remove that."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or max_samples <= 0:
+        return
+    momenta = [bn.momentum for bn in bns]
+    was_training = model.training
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches below
+    model.backbone.train()
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    seen = 0
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        with autocast_ctx(device, amp_dtype):
+            model.backbone(x)
+        seen += x.shape[0]
+        if seen >= max_samples:
+            break
+    for bn, momentum in zip(bns, momenta, strict=True):
+        bn.momentum = momentum
+    model.train(was_training)
+
+
+def is_better(val: dict[str, float | None], best: dict[str, float | None] | None, metric: str) -> bool:
+    """Does `val` beat `best` on `metric`? Ties (within 1e-4, common once AUC saturates at 1.0) go to the
+    lower validation total_loss, so a saturated AUC does not freeze the choice at the first perfect epoch."""
+    value = val.get(metric)
+    if value is None or math.isnan(value):
         return False
-    if best is None:
+    if best is None or best.get(metric) is None:
         return True
-    return value > best if metric_direction(metric) == "max" else value < best
+    ref = best[metric]
+    if abs(value - ref) <= TIE_TOL and metric != "total_loss":
+        loss, ref_loss = val.get("total_loss"), best.get("total_loss")
+        return loss is not None and ref_loss is not None and loss < ref_loss
+    return value > ref if metric_direction(metric) == "max" else value < ref
 
 
 VAL_LOG_KEYS = ("total_loss", "cls_auc", "cls_acc", "reg_mae", "reg_rmse")
@@ -402,9 +460,12 @@ def fit(s: Setup) -> dict[str, Any]:
     assert metric is not None  # resolved by Config
     nw = cfg.data.num_workers
     sampler = EpochSampler(len(s.train_ds), shuffle=True, seed=cfg.seed)
+    # Full batches only: a last batch of one sample breaks BatchNorm and gives noisy steps.
     train_loader = make_loader(s.train_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
-                               sampler=sampler)
+                               sampler=sampler, drop_last=len(s.train_ds) > cfg.training.batch_size)
     val_loader = make_loader(s.val_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device)
+    calib_loader = make_loader(s.calib_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
+                               drop_last=len(s.calib_ds) > cfg.training.batch_size)
     ckpt_dir = s.run_dir / "checkpoints"
     stale = s.start_epoch - s.best_epoch
     for epoch in range(s.start_epoch + 1, cfg.training.epochs + 1):
@@ -415,6 +476,7 @@ def fit(s: Setup) -> dict[str, Any]:
         sampler.set_epoch(epoch)
         lr = s.optimizer.param_groups[0]["lr"]
         train = train_one_epoch(s, train_loader, epoch)
+        recalibrate_batchnorm(s.model, calib_loader, s.device, cfg.training.bn_recalibration_samples, s.amp_dtype)
         val, _ = validate(s, s.val_ds, val_loader)
         log.info("Epoch %d/%d", epoch, cfg.training.epochs)
         log.info("train - total_loss: %.4f | cls_loss: %.4f | reg_loss: %.4f",
@@ -424,8 +486,11 @@ def fit(s: Setup) -> dict[str, Any]:
         row = {"epoch": epoch, "lr": lr, **train, **{f"val_{k}": v for k, v in val.items()},
                "epoch_time_s": round(time.perf_counter() - t0, 3)}
         s.history.append(row)
-        if is_better(val.get(metric), s.best_metric, metric) or not (ckpt_dir / "best.pt").exists():
-            if is_better(val.get(metric), s.best_metric, metric):
+        best_val = s.history[s.best_epoch - 1] if s.best_epoch else None
+        best_val = {k.removeprefix("val_"): v for k, v in best_val.items()} if best_val else None
+        improved = is_better(val, best_val, metric)
+        if improved or not (ckpt_dir / "best.pt").exists():
+            if improved:
                 s.best_metric = val.get(metric)
                 log.info("✓ New best model! %s=%.4f", metric, s.best_metric)
             s.best_epoch, stale = epoch, 0

@@ -24,7 +24,7 @@ def check_data(cfg: Config) -> str:
     rows = []
     frames = {"train": 0, "val": 0, "test": 0}
     stacks = {(sp, c): 0 for sp in frames for c in ("infected", "uninfected")}
-    for i, (rec, info) in enumerate(zip(exp.records, exp.infos)):
+    for i, (rec, info) in enumerate(zip(exp.records, exp.infos, strict=False)):
         try:
             check_finite_stack(info)
         except BadInputError as exc:

@@ -78,7 +78,7 @@ def probe_records(records: Sequence[StackRecord], channels: Sequence[int] | None
             infos.append(probe_stack(rec.path))
         except BadInputError as exc:
             raise BadInputError(f"stack_id {rec.stack_id}: {exc}") from None
-    for rec, info in zip(records, infos):
+    for rec, info in zip(records, infos, strict=False):
         if channels is not None:
             bad = [c for c in channels if c >= info.n_channels]
             if bad:

@@ -1,0 +1,101 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cellmtl.checkpoints import atomic_save, load_checkpoint
+from cellmtl.errors import BadInputError
+from cellmtl.losses import MultiTaskLoss
+from cellmtl.models import ModelSpec, MultiTaskResNet, adapt_conv_weight
+
+
+@pytest.mark.parametrize("mode, keys", [("multitask", {"infected", "time"}), ("classification", {"infected"}),
+                                        ("regression", {"time"})])
+def test_forward_returns_dict_by_task(mode, keys):
+    m = MultiTaskResNet(ModelSpec("resnet18", 3, mode, head_hidden=16)).eval()
+    out = m(torch.rand(2, 3, 32, 32))
+    assert set(out) == keys and all(v.shape == (2,) for v in out.values())
+
+
+def test_first_conv_takes_any_channel_count():
+    for c in (1, 2, 4, 7):
+        m = MultiTaskResNet(ModelSpec("resnet18", c, "multitask", head_hidden=8)).eval()
+        assert m.backbone.conv1.in_channels == c
+        assert m(torch.rand(1, c, 32, 32))["infected"].shape == (1,)
+
+
+def test_adapt_conv_weight_like_timm():
+    w = torch.randn(4, 3, 7, 7)
+    torch.testing.assert_close(adapt_conv_weight(w, 1), w.sum(1, keepdim=True))
+    w2 = adapt_conv_weight(w, 2)
+    torch.testing.assert_close(w2, w[:, :2] * 1.5)
+    w5 = adapt_conv_weight(w, 5)
+    torch.testing.assert_close(w5, torch.cat([w, w[:, :2]], 1) * 0.6)
+    # a constant image gives the same response as RGB: activations keep their magnitude
+    x3, x5 = torch.ones(1, 3, 7, 7), torch.ones(1, 6, 7, 7)
+    torch.testing.assert_close(F.conv2d(x3, w), F.conv2d(x5, adapt_conv_weight(w, 6)))
+
+
+def test_time_scaling_round_trip():
+    m = MultiTaskResNet(ModelSpec("resnet18", 1, "multitask", head_hidden=8))
+    m.set_time_scaling(10.0, 4.0)
+    h = torch.tensor([2.0, 10.0, 30.0])
+    torch.testing.assert_close(m.time_hours(m.scale_time(h)), h)
+    assert set(m.state_dict()) >= {"time_shift", "time_scale"}
+
+
+def test_unknown_backbone_is_bad_input():
+    with pytest.raises(BadInputError, match="model.name 'vgg16'"):
+        MultiTaskResNet(ModelSpec("vgg16", 2, "multitask"))
+
+
+def test_pretrained_offline_names_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    import torch.hub
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(BadInputError) as exc:
+        MultiTaskResNet(ModelSpec("resnet18", 2, "multitask"), pretrained=True)
+    msg = str(exc.value)
+    assert "resnet18" in msg and "https://" in msg and str(tmp_path) in msg
+
+
+def test_loss_by_hand():
+    out = {"infected": torch.tensor([0.0, 2.0]), "time": torch.tensor([0.5, 3.0])}
+    infected = torch.tensor([1.0, 0.0])
+    t = torch.tensor([0.0, 0.0])
+    has = torch.tensor([True, False])
+    loss = MultiTaskLoss("multitask", 2.0, 3.0)(out, infected, t, has)
+    bce = (math.log(2) + (2 + math.log1p(math.exp(-2)))) / 2
+    sl1 = 0.5 * 0.5**2  # only the first sample has a time target
+    assert loss["cls"].item() == pytest.approx(bce, rel=1e-5)
+    assert loss["reg"].item() == pytest.approx(sl1, rel=1e-5)
+    assert loss["total"].item() == pytest.approx(2 * bce + 3 * sl1, rel=1e-5)
+    only_cls = MultiTaskLoss("classification")({"infected": out["infected"]}, infected, t, has)
+    assert only_cls["total"].item() == pytest.approx(bce, rel=1e-5) and only_cls["reg"].item() == 0.0
+
+
+def test_loss_without_time_targets_is_finite_and_pos_weight():
+    out = {"infected": torch.tensor([0.0]), "time": torch.tensor([5.0])}
+    loss = MultiTaskLoss()(out, torch.tensor([1.0]), torch.tensor([float("nan")]), torch.tensor([False]))
+    assert loss["reg"].item() == 0.0 and math.isfinite(loss["total"].item())
+    weighted = MultiTaskLoss(pos_weight=3.0)(out, torch.tensor([1.0]), torch.zeros(1), torch.tensor([False]))
+    assert weighted["cls"].item() == pytest.approx(3 * math.log(2), rel=1e-5)
+
+
+def test_atomic_save_and_weights_only_load(tmp_path):
+    m = MultiTaskResNet(ModelSpec("resnet18", 2, "multitask", head_hidden=8))
+    ckpt = {"model": m.state_dict(), "model_spec": m.spec.to_dict(), "history": [{"epoch": 1, "val_cls_auc": None}]}
+    path = tmp_path / "c" / "best.pt"
+    atomic_save(ckpt, path)
+    atomic_save(ckpt, path)  # overwrite in place
+    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp files left
+    loaded = load_checkpoint(path)
+    assert loaded["history"] == ckpt["history"]
+    path.write_bytes(b"garbage")
+    with pytest.raises(BadInputError, match="could not be read"):
+        load_checkpoint(path)
