@@ -48,8 +48,11 @@ def main() -> None:
     aucs, maes = [], []
     for seed in args.seeds:
         data = args.out / f"data_seed{seed}"
-        subprocess.run([sys.executable, str(HERE / "holdout_experiment.py"), "--out", str(data), "--seed", str(seed)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(HERE / "holdout_experiment.py"), "--out", str(data), "--seed", str(seed)],
+            check=True,
+            capture_output=True,
+        )
         cfg = {
             "experiment_name": f"holdout_seed{seed}",
             "output_dir": str(args.out / "runs"),
@@ -71,10 +74,13 @@ def main() -> None:
         best = res["best"]
         aucs.append(best["cls_auc"])
         maes.append(best["reg_mae"])
-        print(f"seed {seed}: best epoch {res['best_epoch']} cls_auc={best['cls_auc']:.4f} "
-              f"reg_mae={best['reg_mae']:.2f} h (infected {best['reg_mae_infected']:.2f}, "
-              f"uninfected {best['reg_mae_uninfected']:.2f}) mean-baseline={mean_baseline(data / 'manifest.csv'):.2f} h "
-              f"wall {res['wall_time_s']:.0f} s  {run}", flush=True)
+        print(
+            f"seed {seed}: best epoch {res['best_epoch']} cls_auc={best['cls_auc']:.4f} "
+            f"reg_mae={best['reg_mae']:.2f} h (infected {best['reg_mae_infected']:.2f}, "
+            f"uninfected {best['reg_mae_uninfected']:.2f}) mean-baseline={mean_baseline(data / 'manifest.csv'):.2f} h "
+            f"wall {res['wall_time_s']:.0f} s  {run}",
+            flush=True,
+        )
     print(f"mean over {len(args.seeds)} seeds: cls_auc={np.mean(aucs):.4f} reg_mae={np.mean(maes):.2f} h")
 
 

@@ -51,7 +51,7 @@ def write_config(path: Path, manifest: Path, **sections: dict) -> Path:
         "seed": 1,
         "data": {"manifest": str(manifest), "image_size": 32, "num_workers": 0, "val_fraction": 0.25},
         "model": {"name": "resnet18", "head_hidden": 16},
-        "training": {"epochs": 2, "batch_size": 8, "progress": False},
+        "training": {"epochs": 2, "batch_size": 8, "progress": False, "num_threads": 1},
     }
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value) if isinstance(value, dict) else raw.__setitem__(key, value)

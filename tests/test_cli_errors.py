@@ -98,8 +98,12 @@ def test_set_typo(capsys, tiny_config):
 
 
 def test_mismatched_channels(capsys, tiny_config, tiny_experiment):
-    tifffile.imwrite(tiny_experiment.parent / "stacks" / "s4.tif", np.ones((6, 3, 24, 24), np.uint16),
-                     imagej=True, metadata={"axes": "TCYX"})
+    tifffile.imwrite(
+        tiny_experiment.parent / "stacks" / "s4.tif",
+        np.ones((6, 3, 24, 24), np.uint16),
+        imagej=True,
+        metadata={"axes": "TCYX"},
+    )
     check(capsys, tiny_config, "s4", "3 channel")
 
 
@@ -122,8 +126,11 @@ def test_one_class_split(capsys, tmp_path, tiny_experiment):
 
 
 def test_empty_split(capsys, tmp_path, tiny_experiment):
-    cfg = write_config(tmp_path / "c.yaml", tiny_experiment,
-                       data={"train_stacks": ["s0", "s1"], "val_stacks": [], "frames": {"val": {"hour_window": [0, 1]}}})
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        tiny_experiment,
+        data={"train_stacks": ["s0", "s1"], "val_stacks": [], "frames": {"val": {"hour_window": [0, 1]}}},
+    )
     check(capsys, cfg, "val split is empty")
 
 
@@ -139,8 +146,12 @@ def test_bad_run_folder_does_not_touch_earlier_results(capsys, tmp_path):
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
     """The real process: exit code 2 and a single error line on stderr."""
-    proc = subprocess.run([sys.executable, "-m", "cellmtl", "check-data", "--config", str(tmp_path / "x.yaml")],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cellmtl", "check-data", "--config", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -156,6 +167,9 @@ def test_every_command_has_help(capsys, cmd):
 
 def test_yaml_is_loaded_safely(tmp_path, capsys, tiny_experiment):
     p = tmp_path / "c.yaml"
-    p.write_text(yaml.safe_dump({"data": {"manifest": str(tiny_experiment)}}) + "evil: !!python/object/apply:os.system ['true']\n")
+    p.write_text(
+        yaml.safe_dump({"data": {"manifest": str(tiny_experiment)}})
+        + "evil: !!python/object/apply:os.system ['true']\n"
+    )
     code, _, err = run_cli(capsys, "check-data", "--config", str(p))
     assert_bad_input(code, err, str(p))

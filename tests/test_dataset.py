@@ -46,15 +46,23 @@ def test_mixed_formats_shapes_and_targets(mixed):
     manifest, arrays = mixed
     cfg = cfg_for(manifest)
     exp = load_experiment(cfg)
-    shapes = {r.stack_id: (i.n_frames, i.n_channels, i.height, i.width) for r, i in zip(exp.records, exp.infos, strict=False)}
+    shapes = {
+        r.stack_id: (i.n_frames, i.n_channels, i.height, i.width) for r, i in zip(exp.records, exp.infos, strict=False)
+    }
     assert shapes == {"hyper": (5, 2, 20, 24), "ome": (4, 2, 20, 24), "folder": (3, 2, 20, 24), "mock": (6, 2, 20, 24)}
     train = exp.index("train", cfg.data.frames.train, "drop")
     val = exp.index("val", cfg.data.frames.val, "drop")
     ids = [r.stack_id for r in exp.records]
-    got = {(ids[s], int(f)): (float(h), int(y), float(t)) for s, f, h, y, t in
-           zip(train.stack, train.frame, train.hours, train.infected, train.time_target, strict=False)}
-    got.update({(ids[s], int(f)): (float(h), int(y), float(t)) for s, f, h, y, t in
-                zip(val.stack, val.frame, val.hours, val.infected, val.time_target, strict=False)})
+    got = {
+        (ids[s], int(f)): (float(h), int(y), float(t))
+        for s, f, h, y, t in zip(train.stack, train.frame, train.hours, train.infected, train.time_target, strict=False)
+    }
+    got.update(
+        {
+            (ids[s], int(f)): (float(h), int(y), float(t))
+            for s, f, h, y, t in zip(val.stack, val.frame, val.hours, val.infected, val.time_target, strict=False)
+        }
+    )
     expected = {}
     for f in range(5):  # interval 0.5 h, onset 1.5 h: frames 0-2 are before onset and dropped
         if f * 0.5 >= 1.5:
@@ -75,14 +83,16 @@ def test_dataset_items_match_raw_pixels(mixed):
     exp = load_experiment(cfg)
     index = exp.index("val", cfg.data.frames.val, "drop")
     norm = Normalizer("dataset", (0.0, 100.0), (0.0,), (1.0,))  # identity
-    ds = TimeCourseDataset(exp.infos, [r.stack_id for r in exp.records], index, channels=[1], image_size=20,
-                           normalizer=norm)
+    ds = TimeCourseDataset(
+        exp.infos, [r.stack_id for r in exp.records], index, channels=[1], image_size=20, normalizer=norm
+    )
     for i in range(len(ds)):
         item = ds[i]
         assert item["image"].dtype == torch.float32 and item["image"].shape == (1, 20, 20)
         raw = arrays[item["stack_id"]][item["frame"], 1].astype(np.float32)
-        expected = torch.nn.functional.interpolate(torch.from_numpy(raw)[None, None], size=(20, 20), mode="bilinear",
-                                                   antialias=True, align_corners=False)[0]
+        expected = torch.nn.functional.interpolate(
+            torch.from_numpy(raw)[None, None], size=(20, 20), mode="bilinear", antialias=True, align_corners=False
+        )[0]
         torch.testing.assert_close(item["image"], expected)
         assert item["has_time"] and float(item["time_h"]) == float(index.time_target[i])
 
@@ -139,8 +149,16 @@ def test_augmentation_per_epoch_and_sampler(mixed):
     exp = load_experiment(cfg)
     index = exp.index("train", cfg.data.frames.train, "drop")
     norm = Normalizer("dataset", (0.0, 100.0), (0.0, 0.0), (4000.0, 4000.0))
-    ds = TimeCourseDataset(exp.infos, [r.stack_id for r in exp.records], index, channels=[0, 1], image_size=16,
-                           normalizer=norm, augment_cfg=cfg.data.augment, seed=1)
+    ds = TimeCourseDataset(
+        exp.infos,
+        [r.stack_id for r in exp.records],
+        index,
+        channels=[0, 1],
+        image_size=16,
+        normalizer=norm,
+        augment_cfg=cfg.data.augment,
+        seed=1,
+    )
     torch.testing.assert_close(ds[(0, 1)]["image"], ds[(0, 1)]["image"])
     assert not torch.allclose(ds[(0, 1)]["image"], ds[(0, 2)]["image"])
     s = EpochSampler(len(ds), shuffle=True, seed=0)

@@ -71,7 +71,9 @@ def test_records_from_dirs(tmp_path):
             (tmp_path / d / f"{n}.tif").write_bytes(b"")
     recs = records_from_dirs(tmp_path / "inf", tmp_path / "mock", default_interval=0.25, default_onset=1.0)
     assert [(r.stack_id, r.infected, r.onset_hour) for r in recs] == [
-        ("x1", True, 1.0), ("x2", True, 1.0), ("m1", False, None)
+        ("x1", True, 1.0),
+        ("x2", True, 1.0),
+        ("m1", False, None),
     ]
     assert all(r.frame_interval_hours == 0.25 for r in recs)
     with pytest.raises(BadInputError, match="data folder not found"):
@@ -104,7 +106,9 @@ def test_auto_split_is_grouped_stratified_and_seeded(seed):
 
 def test_auto_split_differs_between_seeds():
     records = recs(8)
-    results = {tuple(sorted(auto_split(records, val_fraction=0.25, test_fraction=0.0, seed=s).items())) for s in range(6)}
+    results = {
+        tuple(sorted(auto_split(records, val_fraction=0.25, test_fraction=0.0, seed=s).items())) for s in range(6)
+    }
     assert len(results) > 1
 
 

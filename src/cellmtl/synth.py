@@ -141,7 +141,8 @@ def render_stack(
     cx = base_x[None, :] + walk[..., 1]
 
     # --- per-cell traits [M] ------------------------------------------------------------------------------
-    u = rng.uniform(0.0, 0.97, M)  # order in which sites fill up
+    # Order in which sites fill up; stratified, so the occupied fraction follows the growth curve closely.
+    u = 0.97 * (rng.permutation(M) + rng.uniform(0.0, 1.0, M)) / M
     radius0 = np.clip(rng.normal(4.8, 0.5, M), 3.6, 6.2)  # px, nucleus equivalent radius
     aspect0 = rng.uniform(1.0, 1.55, M)
     angle = rng.uniform(0.0, math.pi, M)

@@ -117,10 +117,13 @@ def load_records(cfg: Config, *, labelled: bool = True) -> list[StackRecord]:
     d = cfg.data
     onset = cfg.multitask.infection_onset_hour
     if d.manifest is not None:
-        return load_manifest(d.manifest, default_interval=d.frame_interval_hours, default_onset=onset, labelled=labelled)
+        return load_manifest(
+            d.manifest, default_interval=d.frame_interval_hours, default_onset=onset, labelled=labelled
+        )
     assert d.infected_dir is not None and d.uninfected_dir is not None  # guaranteed by DataConfig
-    return records_from_dirs(d.infected_dir, d.uninfected_dir, default_interval=d.frame_interval_hours,
-                             default_onset=onset)
+    return records_from_dirs(
+        d.infected_dir, d.uninfected_dir, default_interval=d.frame_interval_hours, default_onset=onset
+    )
 
 
 def load_experiment(cfg: Config, splits: dict[str, str] | None = None) -> Experiment:
