@@ -378,7 +378,9 @@ class StackReader:
             if zcyx.shape != (info.n_z, info.n_channels, info.height, info.width):
                 raise BadInputError(f"frame {t} of {file} has shape {zcyx.shape[1:]}, probed a different one")
             with np.errstate(over="ignore"):  # float64 beyond float32 range becomes Inf, reported below
-                out = np.array(zcyx[:, chans].max(axis=0), dtype=np.float32, order="C")
+                sel = zcyx if chans == list(range(info.n_channels)) else zcyx[:, chans]
+                # one copy: straight to float32 when there is no Z to project (the common case)
+                out = np.array(sel[0] if sel.shape[0] == 1 else sel.max(axis=0), dtype=np.float32, order="C")
         except BadInputError:
             raise
         except Exception as exc:

@@ -121,10 +121,10 @@ def render_stack(
     seed_fraction = rng.uniform(0.30, 0.35)  # occupied sites at hour 0
     doubling_h = rng.uniform(16.0, 19.0)
     flow = rng.uniform(0.0, math.pi)  # direction dense cells align to
-    reporter_strength = math.exp(rng.uniform(math.log(0.5), math.log(1.6)))
+    reporter_strength = math.exp(rng.uniform(math.log(0.6), math.log(1.5)))
     reporter_lag = rng.uniform(1.0, 2.0)  # h from infection to half-maximal reporter
     reporter_hill = rng.uniform(2.5, 4.5)  # steepness of the reporter rise
-    infected_fraction = rng.uniform(0.7, 0.95)
+    infected_fraction = rng.uniform(0.75, 0.95)
 
     # --- cell sites on a jittered grid that overhangs the image (cells are cut at the border) ---------------
     n_side = int(math.ceil(S / _SITE_SPACING)) + 1
@@ -150,7 +150,7 @@ def render_stack(
     infected = rng.uniform(size=M) < infected_fraction if infected_well else np.zeros(M, dtype=bool)
     delay = rng.gamma(2.0, 0.4, M)  # h, cell-to-cell spread of infection within a well
     lysis = 12.0 + rng.gamma(2.0, 6.0, M)  # h of infection after which the cell detaches (gone from view)
-    response = np.exp(rng.normal(0.0, 0.35, M))  # cell reporter expression relative to the well
+    response = np.exp(rng.normal(0.0, 0.3, M))  # cell reporter expression relative to the well
     p_r = 0.62 * np.sqrt(rng.uniform(size=(M, _N_PUNCTA)))  # puncta positions, fraction of the nucleus
     p_a = rng.uniform(0.0, 2 * math.pi, size=(M, _N_PUNCTA))
     p_threshold = rng.uniform(1.5, 16.0, size=(M, _N_PUNCTA))  # h of infection at which each compartment forms

@@ -44,11 +44,20 @@ class Normalizer:
         if self.mode == "per_image":
             lo_np, hi_np = channel_percentiles(img, *self.percentiles)
             lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
-        else:
-            if self.lo is None or self.hi is None:
-                raise RuntimeError("dataset normaliser used before it was fitted")
+            return (img - lo[:, None, None]) / torch.clamp(hi - lo, min=EPS)[:, None, None]
+        if self.lo is None or self.hi is None:
+            raise RuntimeError("dataset normaliser used before it was fitted")
+        offset, scale = self._affine()
+        return (img - offset).mul_(scale)
+
+    def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached `[C, 1, 1]` offset and 1/range tensors (built once per process, not per image)."""
+        cached = self.__dict__.get("_cache")
+        if cached is None:
             lo, hi = torch.tensor(self.lo), torch.tensor(self.hi)
-        return (img - lo[:, None, None]) / torch.clamp(hi - lo, min=EPS)[:, None, None]
+            cached = (lo[:, None, None], 1.0 / torch.clamp(hi - lo, min=EPS)[:, None, None])
+            object.__setattr__(self, "_cache", cached)
+        return cached
 
     def to_dict(self) -> dict[str, Any]:
         return {
