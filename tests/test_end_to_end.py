@@ -111,3 +111,38 @@ def test_train_py_classification_mode(tiny_config, tmp_path):
     ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
     assert ckpt["model_spec"]["mode"] == "classification"
     assert not any(k.startswith("time_head") for k in ckpt["model"])
+
+
+def test_sigkill_mid_epoch_then_resume(tiny_config, tmp_path):
+    """A run killed with SIGKILL mid-epoch resumes from last.pt; metrics.csv has one row per epoch, no gap."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "cellmtl", "train", "--config", str(tiny_config), "--set", "training.epochs=6"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    runs = tmp_path / "outputs" / "t"
+    deadline = time.time() + 300
+    last = None
+    while time.time() < deadline:
+        found = list(runs.glob("*/checkpoints/last.pt")) if runs.exists() else []
+        if found:
+            last = found[0]
+            break
+        time.sleep(0.05)
+    assert last is not None, "no checkpoint appeared"
+    time.sleep(0.3)  # now inside a later epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    run = last.parent.parent
+    killed_at = torch.load(last, weights_only=True)["epoch"]
+    assert killed_at < 6, "the run finished before it could be killed"
+
+    done = subprocess.run([sys.executable, "-m", "cellmtl", "train", "--resume", str(run)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    assert Path(done.stdout.strip().splitlines()[-1]) == run
+    assert [r["epoch"] for r in read_csv(run / "metrics.csv")] == [str(e) for e in range(1, 7)]
+    assert json.loads((run / "results.json").read_text())["epochs_run"] == 6
+    assert f"resumed {run} at epoch {killed_at}" in (run / "train.log").read_text()
