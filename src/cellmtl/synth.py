@@ -147,7 +147,7 @@ def render_stack(
     aspect0 = rng.uniform(1.0, 1.55, M)
     angle = rng.uniform(0.0, math.pi, M)
     bright = np.exp(rng.normal(0.0, 0.2, M))
-    infected = rng.uniform(size=M) < infected_fraction if infected_well else np.zeros(M, dtype=bool)
+    infected = (rng.uniform(size=M) < infected_fraction) & infected_well  # drawn for mock too: same cells
     delay = rng.gamma(2.0, 0.4, M)  # h, cell-to-cell spread of infection within a well
     lysis = 12.0 + rng.gamma(2.0, 6.0, M)  # h of infection after which the cell detaches (gone from view)
     response = np.exp(rng.normal(0.0, 0.3, M))  # cell reporter expression relative to the well
