@@ -108,8 +108,8 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     h, w = img0.shape
     tau = now - cell.infected_at  # h since this cell was infected (negative / -inf: not yet)
     k = max(tau, 0.0)
-    rounding = 1.0 - math.exp(-k / 7.0) if tau > 0 else 0.0  # cells retract and round up
-    condense = 1.0 / (1.0 + math.exp(-(k - 14.0) / 2.5)) if tau > 0 else 0.0  # late chromatin condensation
+    rounding = 1.0 - math.exp(-k / 12.0) if tau > 0 else 0.0  # cells retract and round up
+    condense = k / (k + 12.0)  # progressive chromatin condensation: half-way after 12 h of infection
     fade = 1.0 if tau < cell.dies_after else max(0.0, 1.0 - (tau - cell.dies_after) / 2.0)  # detaching
     reporter = 0.0
     if tau > look["lag"]:
@@ -141,14 +141,17 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     nd = np.hypot(np.arange(y0, y1)[:, None] - ny, (np.arange(x0, x1)[None, :] - nx) * 0.9)
     nucleus = np.clip((nuc_r - nd) / 1.2 + 0.5, 0.0, 1.0)
     t1, t2, t3 = cell.texture
-    chromatin = 1.0 + (0.12 + 0.25 * condense) * np.sin(0.9 * dy + t1) * np.cos(0.8 * dx + t2) + 0.08 * np.sin(
-        0.5 * (dx + dy) + t3
+    chromatin = (
+        1.0
+        + (0.12 + 0.25 * condense) * np.sin(0.9 * dy + t1) * np.cos(0.8 * dx + t2)
+        + 0.08 * np.sin(0.5 * (dx + dy) + t3)
     )
     nuc_level = look["nuc_level"] * cell.brightness * (1.0 + 1.2 * condense) * fade
     cyto_level = look["rep_level"] * cell.expression * reporter * fade
     ch0 = nucleus * chromatin * nuc_level
     # Cytoplasmic reporter: the body minus the nucleus, brighter towards the nucleus; faint autofluorescence.
-    cyto = np.clip(body - nucleus, 0.0, 1.0) * (1.2 - 0.4 * np.clip(rho, 0.0, 1.0))
+    # The reporter gathers around the nucleus as infection proceeds (perinuclear assembly sites).
+    cyto = np.clip(body - nucleus, 0.0, 1.0) * (1.2 - (0.3 + 0.6 * condense) * np.clip(rho, 0.0, 1.0))
     ch1 = cyto * cyto_level + body * look["autofluor"] * fade
     np.maximum(img0[y0:y1, x0:x1], ch0, out=img0[y0:y1, x0:x1])
     np.maximum(img1[y0:y1, x0:x1], ch1, out=img1[y0:y1, x0:x1])
@@ -228,13 +231,13 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
 
 
 def write(out: Path, *, seed: int, stacks: int, frames: int, height: int, width: int, val: int) -> Path:
-    """Render the experiment into `out` and return the manifest path."""
+    """Render the experiment into `out` and return the manifest path; ValueError for impossible arguments."""
     if stacks < 4 or stacks % 2:
-        raise SystemExit(f"--stacks must be an even number >= 4, got {stacks}")
+        raise ValueError(f"--stacks must be an even number >= 4, got {stacks}")
     if val % 2 or not 2 <= val <= stacks - 2:
-        raise SystemExit(f"--val must be even and between 2 and {stacks - 2}, got {val}")
+        raise ValueError(f"--val must be even and between 2 and {stacks - 2}, got {val}")
     if frames < 1 or height < 32 or width < 32:
-        raise SystemExit("--frames must be >= 1 and --height/--width >= 32")
+        raise ValueError("--frames must be >= 1 and --height/--width >= 32")
     plan = np.random.default_rng([seed, 7919])
     n_pairs = stacks // 2
     late_pairs = [k for k in range(n_pairs) if k % 3 == 2]  # about a third of the dishes start at hour 4
@@ -286,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=144, help="X, px")
     ap.add_argument("--val", type=int, default=4, help="stacks marked split=val (even; half infected)")
     a = ap.parse_args(argv)
-    manifest = write(a.out, seed=a.seed, stacks=a.stacks, frames=a.frames, height=a.height, width=a.width, val=a.val)
+    try:
+        manifest = write(
+            a.out, seed=a.seed, stacks=a.stacks, frames=a.frames, height=a.height, width=a.width, val=a.val
+        )
+    except ValueError as e:
+        ap.error(str(e))  # exits 2
     print(manifest)
     return 0
 

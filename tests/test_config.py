@@ -105,3 +105,10 @@ def test_example_configs_are_valid():
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.glob("*.yaml")):
         config_from_dict(yaml.safe_load(path.read_text()), str(path))
+
+
+def test_demo_yaml_matches_demo_defaults():
+    from cellmtl.demo import DEMO_CONFIG
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    assert yaml.safe_load(path.read_text()) == DEMO_CONFIG

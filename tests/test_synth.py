@@ -24,12 +24,6 @@ def _read(manifest: Path, row: dict[str, str]) -> np.ndarray:
     return tifffile.imread(manifest.parent / row["path"])
 
 
-def _signal(arr: np.ndarray) -> np.ndarray:
-    """Mean above the background (10th percentile) per frame and channel: [T, C] counts, offset-free."""
-    arr = arr.astype(np.float64)
-    return arr.mean(axis=(-2, -1)) - np.percentile(arr, 10, axis=(-2, -1))
-
-
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_experiment(tmp_path_factory.mktemp("synth"), n_stacks=N_STACKS, n_frames=N_FRAMES, size=SIZE, seed=3)
@@ -99,44 +93,54 @@ def test_same_seed_same_data_other_seed_other_data(tmp_path: Path) -> None:
         assert xa.shape == xc.shape and xa.tobytes() != xc.tobytes()
 
 
+def _peak(arr: np.ndarray) -> np.ndarray:
+    """Brightest cells over the background per frame and channel: 99th minus 10th percentile, [T, C] counts."""
+    arr = arr.astype(np.float64)
+    return np.percentile(arr, 99, axis=(-2, -1)) - np.percentile(arr, 10, axis=(-2, -1))
+
+
 def test_reporter_marks_infected_stacks_and_rises_after_onset(experiment: Path) -> None:
     rows = _rows(experiment)
     late = {"infected": [], "uninfected": []}
+    checked_rise = 0
     for r in rows:
-        sig = _signal(_read(experiment, r))[:, 1]
-        late[r["condition"]].append(sig[-3:].mean())
+        reporter = _peak(_read(experiment, r))[:, 1]
+        late[r["condition"]].append(reporter[-3:].mean())
         if r["condition"] == "infected":
-            hours = float(r["start_hour"]) + np.arange(N_FRAMES)
-            first = int(np.argmax(hours >= float(r["infection_onset_hour"])))
-            assert sig[-3:].mean() > 3 * sig[first] + 20, r["stack_id"]  # rises with time since infection
+            tau = float(r["start_hour"]) + np.arange(N_FRAMES) - float(r["infection_onset_hour"])
+            first = int(np.argmax(tau >= 0))
+            if tau[first] <= 1.0:  # stacks that start late are already past the rise
+                assert reporter[-3:].mean() > 3 * reporter[first] + 50, r["stack_id"]
+                checked_rise += 1
+    assert checked_rise >= 1
     assert min(late["infected"]) > 5 * max(late["uninfected"])
+
+
+def _render(seed: int, onset: float | None, *, n_frames: int = 16, size: int = 64) -> np.ndarray:
+    rng = np.random.default_rng([seed, 0])
+    return render_stack(rng, n_frames=n_frames, size=size, start_hour=0.0, frame_interval_hours=1.0, onset=onset)
 
 
 def test_mock_wells_change_with_elapsed_time() -> None:
     """Uninfected cells carry a time course too: more nuclei (division) and dimmer stain (photobleaching)."""
     for seed in range(3):
-        arr = render_stack(
-            np.random.default_rng([seed, 1]), n_frames=16, size=96, start_hour=0.0, frame_interval_hours=1.0, onset=None
-        ).astype(np.float64)
+        arr = _render(seed, None).astype(np.float64)
         nuclei = arr[:, 0]
         bg = np.percentile(nuclei, 10, axis=(1, 2), keepdims=True)
         peak = np.percentile(nuclei, 99.5, axis=(1, 2), keepdims=True) - bg
         area = (nuclei > bg + 0.25 * peak).mean(axis=(1, 2))
         assert area[-3:].mean() > 1.1 * area[:3].mean() or peak[-3:].mean() < 0.95 * peak[:3].mean(), seed
-        assert _signal(arr)[:, 1].max() < 100  # no reporter without infection
+        assert _peak(arr)[:, 1].max() < 150  # no reporter without infection
 
 
-def test_infected_nuclei_grow() -> None:
-    """Nuclear area per nucleus rises with time since infection (measured as stain above half-peak)."""
-    arr = render_stack(
-        np.random.default_rng([0, 0]), n_frames=20, size=96, start_hour=0.0, frame_interval_hours=1.0, onset=1.0
-    ).astype(np.float64)
-    mock = render_stack(
-        np.random.default_rng([0, 0]), n_frames=20, size=96, start_hour=0.0, frame_interval_hours=1.0, onset=None
-    ).astype(np.float64)
-    # Same generator state, so the same cells: only infection differs; lysis removes some, so compare per pixel
-    # of stain over the background rather than per cell count.
-    assert _signal(arr)[10:14, 0].mean() > 1.1 * _signal(mock)[10:14, 0].mean()
+def test_infection_is_invisible_at_onset_and_obvious_late() -> None:
+    """Same generator, so the same cells with and without infection: nuclear stain identical-looking just after
+    onset, brighter (rounded, condensed nuclei) 15+ h later."""
+
+    for seed in range(2):
+        infected, mock = _peak(_render(seed, 1.0, n_frames=20))[:, 0], _peak(_render(seed, None, n_frames=20))[:, 0]
+        assert 0.85 < infected[1:3].mean() / mock[1:3].mean() < 1.15, seed
+        assert infected[16:].mean() > 1.2 * mock[16:].mean(), seed
 
 
 @pytest.mark.parametrize(
