@@ -173,3 +173,18 @@ def test_yaml_is_loaded_safely(tmp_path, capsys, tiny_experiment):
     )
     code, _, err = run_cli(capsys, "check-data", "--config", str(p))
     assert_bad_input(code, err, str(p))
+
+
+def test_synth_then_check_data_lists_every_stack(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "synth", "--out", str(tmp_path / "s"), "--stacks", "6", "--frames", "5",
+                             "--size", "32")
+    assert code == 0, err
+    manifest = Path(out.strip().splitlines()[-1])
+    assert manifest.is_file()
+    code, out, err = run_cli(capsys, "check-data", "--config", str(tmp_path / "s" / "config.yaml"))
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    for k in range(6):
+        row = next(ln for ln in lines if ln.startswith(f"stack{k:02d}"))
+        assert " 5 " in row and " 2 " in row and "uint16" in row and "imagej" in row
+    assert "no problems found" in out

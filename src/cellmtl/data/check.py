@@ -7,7 +7,7 @@ from cellmtl.data.dataset import load_experiment, stack_index
 from cellmtl.errors import BadInputError
 from cellmtl.io import check_finite_stack
 
-COLUMNS = ("stack_id", "condition", "format", "T", "C", "Y", "X", "dtype", "hours", "split", "frames_kept")
+COLUMNS = ("stack_id", "condition", "onset_h", "format", "T", "C", "Y", "X", "dtype", "hours", "split", "frames_kept")
 
 
 def _table(rows: list[dict[str, str]]) -> str:
@@ -41,6 +41,7 @@ def check_data(cfg: Config) -> str:
             {
                 "stack_id": rec.stack_id,
                 "condition": rec.condition,
+                "onset_h": "-" if rec.onset_hour is None else f"{rec.onset_hour:g}",
                 "format": info.format,
                 "T": str(info.n_frames),
                 "C": str(info.n_channels),
