@@ -165,3 +165,13 @@ def test_augmentation_per_epoch_and_sampler(mixed):
     first = list(s)
     s.set_epoch(1)
     assert sorted(i for i, _ in first) == list(range(len(ds))) and list(s) != first
+
+
+def test_random_crop_keeps_shape_and_is_seeded():
+    img = torch.arange(2 * 16 * 16, dtype=torch.float32).reshape(2, 16, 16)
+    cfg = AugmentConfig(flips=False, rot90=False, intensity_scale=0.0, intensity_offset=0.0, crop_scale=0.5)
+    a = augment(img, cfg, torch.Generator().manual_seed(1))
+    assert a.shape == img.shape and not torch.allclose(a, img)
+    torch.testing.assert_close(a, augment(img, cfg, torch.Generator().manual_seed(1)))
+    off = AugmentConfig(flips=False, rot90=False, intensity_scale=0.0, intensity_offset=0.0)
+    torch.testing.assert_close(augment(img, off, torch.Generator().manual_seed(1)), img)

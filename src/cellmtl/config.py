@@ -57,6 +57,9 @@ class AugmentConfig(_Strict):
     intensity_scale: float = Field(0.1, ge=0.0, lt=1.0, description="per-channel gain drawn in 1 +/- this")
     intensity_offset: float = Field(0.05, ge=0.0, description="per-channel offset drawn in +/- this")
     noise_std: float = Field(0.0, ge=0.0, description="gaussian noise std after normalisation")
+    crop_scale: float = Field(
+        1.0, gt=0.0, le=1.0, description="random square crops of this to 1.0 of the side, resized back; 1 = off"
+    )
 
 
 class NormalizationConfig(_Strict):

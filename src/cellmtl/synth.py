@@ -5,8 +5,9 @@ The model of biology (details in docs/SYNTHETIC_DATA.md):
 * infected cells change with time since infection ``tau`` (hours): nuclei grow, replication compartments make the
   nuclear stain grainy, a reporter (ch1) rises sigmoidally after a lag of 1-2 h, and after ~12 h cells round up and
   brighten;
-* all cells change with time since experiment start: division raises cell density (contact inhibition shrinks
-  nuclei) and photobleaching dims both channels with every frame taken;
+* all cells change with time since experiment start: division raises cell density (contact inhibition makes
+  nuclei smaller, longer and aligned) and photobleaching dims both channels with every frame taken; infected cells
+  stop dividing and, late, detach;
 * stacks differ in gain, focus, background, illumination, noise and reporter strength, so no single intensity gives
   the answer.
 
@@ -40,7 +41,7 @@ MANIFEST_COLUMNS = (
 
 # Geometry in pixels; independent of `size`, which sets the field of view (a bigger image shows more cells).
 _SITE_SPACING = 16.0  # mean distance between neighbouring cells once the well is confluent
-_HALF_PATCH = 13  # cells are rendered into (2 * 13 + 1)^2 patches; the largest late nucleus fits inside
+_HALF_PATCH = 13  # cells are rendered into (2 * 13 + 1)^2 px patches; large enough for all but extreme nuclei
 _N_PUNCTA = 5  # replication compartments / nucleoli per nucleus
 _START_HOURS = (0.0, 2.0, 4.0)  # start_hour of pair k is _START_HOURS[k % 3]
 
@@ -226,7 +227,7 @@ def render_stack(
         spots = np.matmul(np.swapaxes(gy_ * strength[..., None], 1, 2), gx_) * mask  # [Q, P, P]
 
         ch0 = amp0[t_idx, m_idx][:, None, None] * dome * (1.0 - 0.6 * np.clip(spots, 0.0, 1.0))
-        # Mock nucleoli carry no reporter: amp1_puncta is 0 wherever the reporter is.
+        # Nucleoli of uninfected cells carry no reporter: amp1_puncta is 0 wherever the reporter is 0.
         ch1 = amp1_diffuse[t_idx, m_idx][:, None, None] * dome + amp1_puncta[t_idx, m_idx][:, None, None] * spots
 
         yy = iy[:, None] + offs[None, :]

@@ -103,6 +103,14 @@ def augment(img: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torc
     if not cfg.enabled:
         return img
     u = torch.rand(3, generator=gen)
+    if cfg.crop_scale < 1.0:
+        h, w = img.shape[-2:]
+        frac = cfg.crop_scale + (1.0 - cfg.crop_scale) * float(torch.rand(1, generator=gen))
+        ch, cw = max(1, round(h * frac)), max(1, round(w * frac))
+        top = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        left = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        img = F.interpolate(img[None, :, top : top + ch, left : left + cw], size=(h, w), mode="bilinear",
+                            align_corners=False)[0]
     if cfg.flips and u[0] < 0.5:
         img = TF.horizontal_flip(img)
     if cfg.flips and u[1] < 0.5:
