@@ -116,11 +116,13 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
         reporter = 1.0 - math.exp(-(tau - look["lag"]) / look["rise_h"])
     age = now - cell.born
     spread = 0.85 + 0.15 * min(age / 4.0, 1.0)  # daughters flatten out over a few hours
+    # Cells plated 2 h before imaging keep spreading on the dish: bodies and nuclei flatten out over ~10 h.
+    spread *= 0.75 + 0.25 * (1.0 - math.exp(-(now + 2.0) / 10.0))
 
     body_r = cell.body_r * spread * (1.0 - 0.3 * rounding) * look["crowding"]
     elong = 1.0 + (cell.elong - 1.0) * (1.0 - rounding)
     ax, bx = body_r * math.sqrt(elong), body_r / math.sqrt(elong)
-    nuc_r = cell.body_r * cell.nuc_frac * (1.0 - 0.35 * condense)
+    nuc_r = cell.body_r * spread * cell.nuc_frac * (1.0 - 0.35 * condense)
     half = int(ax * 1.25) + 3
     cy, cx = cell.y + cell.drift[0], cell.x + cell.drift[1]
     y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, h)
@@ -159,13 +161,13 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
 
 def render(rng: np.random.Generator, *, frames: int, height: int, width: int, start: float, onset: float | None):
     """One stack as uint16 [frames, 2, height, width]; `onset` in hours since start (None: mock)."""
-    cycle_h = float(rng.uniform(17.0, 24.0))
+    cycle_h = float(rng.uniform(18.0, 22.0))
     look = {
         "nuc_level": float(rng.uniform(2500.0, 7000.0)),
-        "rep_level": float(rng.uniform(1200.0, 9000.0)),  # reporter brightness varies a lot between stacks
+        "rep_level": float(rng.uniform(2500.0, 7000.0)),  # reporter brightness varies between stacks
         "autofluor": float(rng.uniform(60.0, 160.0)),
         "lag": float(rng.uniform(0.5, 1.5)),
-        "rise_h": float(rng.uniform(2.5, 6.0)),
+        "rise_h": float(rng.uniform(4.0, 8.0)),  # h; the reporter keeps rising for most of the stack
         "crowding": 1.0,
     }
     offset = rng.uniform(380.0, 620.0, 2)
@@ -179,7 +181,7 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
     hot = rng.uniform(size=(height, width)) < 3e-4
     infect_p = float(rng.uniform(0.8, 0.95))
 
-    n0 = int(rng.integers(14, 24) * height * width / (112 * 144))
+    n0 = int(rng.integers(17, 21) * height * width / (112 * 144))
     cells: list[Cell] = []
     for _ in range(max(n0, 2)):
         pos = _place(rng, cells, height, width)
