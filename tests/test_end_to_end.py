@@ -32,7 +32,8 @@ def cli(capsys, *args: str) -> str:
 
 
 def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp_path):
-    run = Path(cli(capsys, "train", "--config", str(tiny_config), "--set", "data.test_fraction=0.25"))
+    run = Path(cli(capsys, "train", "--config", str(tiny_config), "--set", "data.test_fraction=0.25",
+                   "--set", "data.normalization.mode=dataset"))
     assert run.parent == tmp_path / "outputs" / "t"
     for name in ("checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "splits.csv", "results.json",
                  "metrics.csv", "train.log", "predictions_val.csv", "predictions_test.csv",
@@ -95,6 +96,8 @@ def test_same_seed_same_metrics(capsys, tiny_config):
     assert a != b
     ra, rb = (json.loads((r / "results.json").read_text())["best"] for r in (a, b))
     assert ra == rb
+    ckpt = torch.load(a / "checkpoints" / "best.pt", weights_only=True)
+    assert ckpt["normalizer"] == {"mode": "per_image", "percentiles": [1.0, 99.8], "lo": None, "hi": None}
 
 
 def test_train_py_classification_mode(tiny_config, tmp_path):

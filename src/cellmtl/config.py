@@ -63,11 +63,12 @@ class AugmentConfig(_Strict):
 
 
 class NormalizationConfig(_Strict):
-    """`dataset`: per-channel percentiles measured once on training frames; keeps brightness differences
-    between images (a reporter that is dark in mock wells stays dark). `per_image`: each image scaled by its
-    own percentiles; robust to gain drift between stacks but erases absolute intensity."""
+    """`per_image` (default): each image scaled by its own per-channel percentiles; robust to gain and
+    exposure differences between stacks, which dominate when a model learns from a few dozen wells.
+    `dataset`: per-channel percentiles measured once on training frames; keeps absolute brightness (a
+    reporter that is dark in mock wells stays dark), for experiments imaged with identical settings."""
 
-    mode: Literal["dataset", "per_image"] = "dataset"
+    mode: Literal["dataset", "per_image"] = "per_image"
     percentiles: tuple[float, float] = (1.0, 99.8)
     sample_frames: int = Field(256, ge=1, description="training frames sampled to measure dataset percentiles")
 
