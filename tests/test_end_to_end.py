@@ -79,6 +79,10 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     out = Path(cli(capsys, "evaluate", "--run", str(run), "--split", "test"))
     ev = json.loads(out.read_text())
     assert ev["split"] == "test" and set(METRIC_NAMES) <= set(ev["metrics"])
+    assert ev["time_bins_3h"] and sum(b["n"] for b in ev["time_bins_3h"]) == ev["n_frames"]
+    assert "reg_mae" in ev["ci95_bootstrap_over_stacks"] and "earliest_hour_auc_ge_0.99_two_bins" in ev
+    assert (run / "plots" / "evaluation_test" / "metrics_vs_time.png").is_file()
+    assert len(read_csv(run / "per_stack_test.csv")) == ev["n_stacks"]
 
     pred_csv = tmp_path / "pred.csv"
     cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(tiny_experiment),

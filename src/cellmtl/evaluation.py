@@ -15,12 +15,20 @@ from cellmtl.data.transforms import Normalizer
 from cellmtl.errors import BadInputError
 from cellmtl.inference import make_loader, prediction_rows, run_model, write_csv
 from cellmtl.losses import MultiTaskLoss
-from cellmtl.metrics import format_metrics
-from cellmtl.reporting import write_run_plots
+from cellmtl.reporting import plot_time_bins, write_run_plots
+from cellmtl.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
 from cellmtl.training import pick_device, score, val_arrays
 
-LOG_KEYS = ("total_loss", "cls_auc", "cls_acc", "cls_f1", "reg_mae", "reg_rmse", "reg_mae_infected",
-            "reg_mae_uninfected")
+LOG_KEYS = (
+    "total_loss",
+    "cls_auc",
+    "cls_acc",
+    "cls_f1",
+    "reg_mae",
+    "reg_rmse",
+    "reg_mae_infected",
+    "reg_mae_uninfected",
+)
 
 
 def checkpoint_path(run: Path, checkpoint: str) -> Path:
@@ -42,8 +50,14 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     if not exp.split_records(split):
         raise BadInputError(f"run {run} has no {split} split")
     index = exp.index(split, getattr(cfg.data.frames, split), cfg.data.pre_onset)
-    ds = TimeCourseDataset(exp.infos, [r.stack_id for r in exp.records], index, channels=ckpt["channels"],
-                           image_size=ckpt["image_size"], normalizer=Normalizer.from_dict(ckpt["normalizer"]))
+    ds = TimeCourseDataset(
+        exp.infos,
+        [r.stack_id for r in exp.records],
+        index,
+        channels=ckpt["channels"],
+        image_size=ckpt["image_size"],
+        normalizer=Normalizer.from_dict(ckpt["normalizer"]),
+    )
     device = pick_device(cfg.training.device)
     model = model_from_checkpoint(ckpt).to(device)
     loader = make_loader(ds, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers, device=device)
@@ -51,7 +65,21 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     loss_fn = MultiTaskLoss(cfg.task.mode, cfg.multitask.classification_weight, cfg.multitask.regression_weight)
     metrics = score(model.cpu(), loss_fn, index, preds)
     write_csv(prediction_rows(ds, preds, exp.records), run / f"predictions_{split}.csv")
-    plots = write_run_plots(run, [], val_arrays(ds, preds), subdir=f"plots/evaluation_{split}")
+    arrays = val_arrays(ds, preds)
+    plots = write_run_plots(run, [], arrays, subdir=f"plots/evaluation_{split}")
+    ids = [exp.records[int(k)].stack_id for k in index.stack]
+    task_arrays = (
+        arrays["infected"],
+        arrays["prob"],
+        arrays["time_true"] if preds.time_pred is not None else None,
+        arrays["time_pred"],
+        arrays["time_mask"] if preds.time_pred is not None else None,
+    )
+    bins = binned_metrics(index.hours, *task_arrays, bin_hours=3.0)
+    bins_png = plot_time_bins(bins, run / "plots" / f"evaluation_{split}" / "metrics_vs_time.png")
+    plots += [bins_png] if bins_png else []
+    per_stack = per_stack_metrics(ids, *task_arrays)
+    write_csv(per_stack, run / f"per_stack_{split}.csv")
     result: dict[str, Any] = {
         "split": split,
         "checkpoint": str(ckpt_path),
@@ -59,10 +87,46 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
         "n_frames": len(ds),
         "n_stacks": int(len(np.unique(index.stack))),
         "metrics": metrics,
+        "ci95_bootstrap_over_stacks": bootstrap_ci(ids, *task_arrays, n_boot=1000, seed=cfg.seed),
+        "time_bins_3h": bins,
+        "earliest_hour_auc_ge_0.99_two_bins": earliest_reliable_hour(bins),
+        "per_stack": per_stack,
         "plots": [str(p) for p in plots],
     }
     out = run / f"evaluation_{split}.json"
     out.write_text(json.dumps(result, indent=2, allow_nan=False))
-    print(f"{split} ({ckpt_path.name}, epoch {result['epoch']}, {len(ds)} frames): "
-          f"{format_metrics(metrics, [k for k in LOG_KEYS if k in metrics])}", file=sys.stderr)
+    print(summary_text(result), file=sys.stderr)
     return out
+
+
+def _num(v: float | None, fmt: str = ".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def summary_text(result: dict[str, Any]) -> str:
+    """What `evaluate` prints: headline metrics with 95% CIs, the time-binned table, per-stack rows."""
+    m, ci = result["metrics"], result["ci95_bootstrap_over_stacks"]
+    lines = [
+        f"{result['split']} ({Path(result['checkpoint']).name}, epoch {result['epoch']}, "
+        f"{result['n_frames']} frames, {result['n_stacks']} stacks)"
+    ]
+    for k in (k for k in LOG_KEYS if k in m and k != "total_loss"):
+        band = ci.get(k)
+        lines.append(f"  {k:20s} {_num(m[k])}" + (f"  [95% CI {band[0]:.3f}, {band[1]:.3f}]" if band else ""))
+    lines.append("  hours      n    cls_auc  cls_acc  reg_mae  mae_inf  mae_uninf")
+    for b in result["time_bins_3h"]:
+        lines.append(
+            f"  {b['hour_start']:4g}-{b['hour_end']:<4g} {b['n']:4d}  "
+            + "  ".join(
+                _num(b.get(k)).rjust(7)
+                for k in ("cls_auc", "cls_acc", "reg_mae", "reg_mae_infected", "reg_mae_uninfected")
+            )
+        )
+    early = result["earliest_hour_auc_ge_0.99_two_bins"]
+    lines.append(f"  AUC >= 0.99 in two consecutive bins from hour: {_num(early, 'g')}")
+    for r in result["per_stack"]:
+        lines.append(
+            f"  stack {r['stack_id']:<16s} {r['condition']:<10s} n={r['n']:<4d} "
+            f"acc={_num(r.get('cls_acc'))} mae={_num(r.get('reg_mae'), '.2f')} h"
+        )
+    return "\n".join(lines)

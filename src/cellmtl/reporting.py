@@ -347,3 +347,28 @@ def write_run_plots(
         if scatter is not None:
             written.append(scatter)
     return written
+
+
+def plot_time_bins(bins: Sequence[Mapping[str, float | None]], path: Path) -> Path | None:
+    """AUC and accuracy (left) and time MAE per class (right) per bin of hours since experiment start."""
+    if not bins:
+        return None
+    centers = [(b["hour_start"] + b["hour_end"]) / 2 for b in bins]
+    fig = _new_figure(11.0, 4.2)
+    ax_cls, ax_reg = fig.subplots(1, 2)
+    for key, label, color in (("cls_auc", "AUC", COLOR_INFECTED), ("cls_acc", "accuracy", COLOR_TRAIN)):
+        pts = [(c, b[key]) for c, b in zip(centers, bins, strict=True) if b.get(key) is not None]
+        if pts:
+            ax_cls.plot(*zip(*pts, strict=True), marker="o", label=label, color=color)
+    ax_cls.axhline(0.99, color="grey", ls="--", lw=1, label="0.99")
+    ax_cls.legend(fontsize=LEGEND_SIZE)
+    _style(ax_cls, "Classification over time", "hours since experiment start", "score")
+    for key, label, color in (("reg_mae_infected", "infected", COLOR_INFECTED),
+                              ("reg_mae_uninfected", "uninfected", COLOR_UNINFECTED)):
+        pts = [(c, b[key]) for c, b in zip(centers, bins, strict=True) if b.get(key) is not None]
+        if pts:
+            ax_reg.plot(*zip(*pts, strict=True), marker="o", label=label, color=color)
+    if ax_reg.lines:
+        ax_reg.legend(fontsize=LEGEND_SIZE)
+    _style(ax_reg, "Time error over time", "hours since experiment start", "MAE (hours)")
+    return _save(fig, Path(path))

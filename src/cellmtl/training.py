@@ -462,7 +462,7 @@ def fit(s: Setup) -> dict[str, Any]:
     sampler = EpochSampler(len(s.train_ds), shuffle=True, seed=cfg.seed)
     # Full batches only: a last batch of one sample breaks BatchNorm and gives noisy steps.
     train_loader = make_loader(s.train_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
-                               sampler=sampler, drop_last=len(s.train_ds) > cfg.training.batch_size)
+                               sampler=sampler, drop_last=len(s.train_ds) > cfg.training.batch_size, persistent=True)
     val_loader = make_loader(s.val_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device)
     calib_loader = make_loader(s.calib_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
                                drop_last=len(s.calib_ds) > cfg.training.batch_size)
