@@ -153,3 +153,25 @@ def test_sigkill_mid_epoch_then_resume(tiny_config, tmp_path):
     assert [r["epoch"] for r in read_csv(run / "metrics.csv")] == [str(e) for e in range(1, 7)]
     assert json.loads((run / "results.json").read_text())["epochs_run"] == 6
     assert f"resumed {run} at epoch {killed_at}" in (run / "train.log").read_text()
+
+
+def test_export_onnx_matches_pytorch(capsys, tiny_config, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    import numpy as np
+
+    from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+
+    run = Path(cli(capsys, "train", "--config", str(tiny_config), "--set", "training.epochs=1"))
+    ckpt_path = run / "checkpoints" / "best.pt"
+    out = Path(cli(capsys, "export", "--checkpoint", str(ckpt_path), "--format", "onnx", "--out",
+                   str(tmp_path / "m.onnx")))
+    model = model_from_checkpoint(load_checkpoint(ckpt_path))
+    x = torch.randn(3, 2, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    prob, hours = sess.run(None, {"image": x.numpy()})
+    np.testing.assert_allclose(prob, torch.sigmoid(ref["infected"]).numpy(), atol=1e-4)
+    np.testing.assert_allclose(hours, model.time_hours(ref["time"]).numpy(), atol=1e-4)
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["cellmtl.channels"]) == [0, 1] and meta["cellmtl.image_size"] == "32"

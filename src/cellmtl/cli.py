@@ -101,6 +101,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cellmtl.export import export
+
+    print(export(args.checkpoint, args.format, args.out))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from cellmtl.demo import run_demo
 
@@ -146,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-interval-hours", type=float, default=None,
                    help="for PATH inputs: hours between frames (default: the training config's)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint for other tools (ONNX)")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--format", choices=("onnx",), required=True,
+                   help="onnx: inputs normalised [N, C, H, W]; outputs prob_infected and time_hours")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="synth + train + evaluate with built-in defaults (minutes on a laptop CPU)")
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))

@@ -1,0 +1,86 @@
+"""`cellmtl export`: hand a trained model to other tools.
+
+ONNX: input `image` float32 `[N, C, H, W]`, already normalised as the checkpoint's `normalizer` says
+(per-channel percentiles); outputs `prob_infected` `[N]` and `time_hours` `[N]` (hours since onset for
+infected, since experiment start for uninfected). The normalisation and channel list are written into
+the model's metadata (`cellmtl.*` keys) so a consumer can reproduce the preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+from cellmtl.errors import BadInputError
+from cellmtl.models import MultiTaskResNet
+
+
+class ExportWrapper(nn.Module):
+    """Plain tensors out (no dict): probability and hours, the quantities users read."""
+
+    def __init__(self, model: MultiTaskResNet) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(image)
+        n = image.shape[0]
+        prob = torch.sigmoid(out["infected"]) if "infected" in out else image.new_full((n,), float("nan"))
+        hours = self.model.time_hours(out["time"]) if "time" in out else image.new_full((n,), float("nan"))
+        return prob, hours
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write an ONNX model with a dynamic batch axis; returns its path."""
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    wrapper = ExportWrapper(model).eval()
+    size = int(ckpt["image_size"])
+    example = torch.zeros(2, model.spec.in_chans, size, size)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # torch.export-based exporter (TorchScript export is deprecated); the batch axis stays dynamic.
+    torch.onnx.export(
+        wrapper,
+        (example,),
+        str(out),
+        input_names=["image"],
+        output_names=["prob_infected", "time_hours"],
+        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+        opset_version=18,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    add_metadata(out, ckpt)
+    return out
+
+
+def add_metadata(path: Path, ckpt: dict) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    meta = {
+        "cellmtl.normalizer": json.dumps(ckpt["normalizer"]),
+        "cellmtl.channels": json.dumps(ckpt["channels"]),
+        "cellmtl.image_size": str(ckpt["image_size"]),
+        "cellmtl.task_mode": ckpt["model_spec"]["mode"],
+    }
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(proto, str(path))
+
+
+def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
+    if fmt != "onnx":
+        raise BadInputError(f"export format {fmt!r} is not supported (supported: onnx)")
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise BadInputError("export --format onnx needs the 'export' extra: pip install 'cellmtl[export]'") from None
+    return export_onnx(checkpoint, out)
