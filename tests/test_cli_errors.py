@@ -188,3 +188,15 @@ def test_synth_then_check_data_lists_every_stack(capsys, tmp_path):
         row = next(ln for ln in lines if ln.startswith(f"stack{k:02d}"))
         assert " 5 " in row and " 2 " in row and "uint16" in row and "imagej" in row
     assert "no problems found" in out
+
+
+def test_predict_on_stacks_with_too_few_channels(capsys, tiny_config, tmp_path):
+    code = main(["train", "--config", str(tiny_config), "--set", "training.epochs=1"])
+    run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0
+    one = tmp_path / "one_channel.tif"
+    tifffile.imwrite(one, np.ones((3, 24, 24), np.uint16), imagej=True, metadata={"axes": "TYX"})
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), str(one),
+                           "--out", str(tmp_path / "p.csv"))
+    assert_bad_input(code, err, "one_channel", "model's input channels")
+    assert not (tmp_path / "p.csv").exists()

@@ -238,7 +238,7 @@ def predict(
     else:
         records = records_from_paths(list(paths), interval)
     channels = list(ckpt["channels"])
-    infos = probe_records(records, channels)
+    infos = probe_records(records, channels, what="the model's input channels")
     # Every frame is predicted; pre-onset frames of labelled infected stacks get negative time targets.
     every = FrameSelection()
     parts = [stack_index(r, i, k, every, "keep") for k, (r, i) in enumerate(zip(records, infos, strict=True))]

@@ -70,7 +70,9 @@ def stack_index(
     )
 
 
-def probe_records(records: Sequence[StackRecord], channels: Sequence[int] | None) -> list[StackInfo]:
+def probe_records(
+    records: Sequence[StackRecord], channels: Sequence[int] | None, what: str = "data.channels"
+) -> list[StackInfo]:
     """Probe every stack (shape, dtype, integrity) and check that channels agree across stacks."""
     infos: list[StackInfo] = []
     for rec in records:
@@ -83,7 +85,7 @@ def probe_records(records: Sequence[StackRecord], channels: Sequence[int] | None
             bad = [c for c in channels if c >= info.n_channels]
             if bad:
                 raise BadInputError(
-                    f"stack_id {rec.stack_id} ({rec.path}): data.channels {list(channels)} asks for channel "
+                    f"stack_id {rec.stack_id} ({rec.path}): {what} {list(channels)} asks for channel "
                     f"{bad[0]} but the stack has {info.n_channels} channel(s)"
                 )
         elif info.n_channels != infos[0].n_channels:
