@@ -112,3 +112,20 @@ def test_demo_yaml_matches_demo_defaults():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
     assert yaml.safe_load(path.read_text()) == DEMO_CONFIG
+
+
+def test_example_config_lists_every_key():
+    """configs/multitask_example.yaml is the documented reference: every schema key appears in it."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "multitask_example.yaml"
+    raw = yaml.safe_load(path.read_text())
+
+    def keys(d, prefix=""):
+        for k, v in d.items():
+            yield prefix + k
+            if isinstance(v, dict):
+                yield from keys(v, prefix + k + ".")
+
+    full = set(keys(config_from_dict(raw).model_dump(mode="json")))
+    missing = full - set(keys(raw)) - {"data.infected_dir", "data.uninfected_dir"}  # the manifest's alternative
+    assert not missing
+    assert "infected_dir + uninfected_dir" in path.read_text()
