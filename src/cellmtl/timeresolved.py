@@ -19,6 +19,17 @@ def _subset(arr: np.ndarray | None, sel: np.ndarray) -> np.ndarray | None:
     return None if arr is None else np.asarray(arr)[sel]
 
 
+def _metrics_on(sel: np.ndarray, infected, prob, time_true, time_pred, time_mask) -> dict[str, float | None]:
+    """`compute_metrics` on the frames `sel` (a boolean mask or an index array)."""
+    return compute_metrics(
+        infected=np.asarray(infected)[sel],
+        prob=_subset(prob, sel),
+        time_true=_subset(time_true, sel),
+        time_pred=_subset(time_pred, sel),
+        time_mask=_subset(time_mask, sel),
+    )
+
+
 def binned_metrics(
     hours: np.ndarray,
     infected: np.ndarray,
@@ -39,13 +50,7 @@ def binned_metrics(
         sel = (hours >= k * bin_hours) & (hours < (k + 1) * bin_hours)
         if not sel.any():
             continue
-        m = compute_metrics(
-            infected=np.asarray(infected)[sel],
-            prob=_subset(prob, sel),
-            time_true=_subset(time_true, sel),
-            time_pred=_subset(time_pred, sel),
-            time_mask=_subset(time_mask, sel),
-        )
+        m = _metrics_on(sel, infected, prob, time_true, time_pred, time_mask)
         row: dict[str, float | None] = {
             "hour_start": k * bin_hours,
             "hour_end": (k + 1) * bin_hours,
@@ -82,13 +87,7 @@ def per_stack_metrics(
     rows = []
     for sid in dict.fromkeys(ids.tolist()):
         sel = ids == sid
-        m = compute_metrics(
-            infected=np.asarray(infected)[sel],
-            prob=_subset(prob, sel),
-            time_true=_subset(time_true, sel),
-            time_pred=_subset(time_pred, sel),
-            time_mask=_subset(time_mask, sel),
-        )
+        m = _metrics_on(sel, infected, prob, time_true, time_pred, time_mask)
         row = {"stack_id": sid, "n": int(sel.sum()), "condition": "infected" if infected[sel][0] else "uninfected"}
         row.update({k: m[k] for k in ("cls_acc", "reg_mae") if k in m})
         rows.append(row)
@@ -117,13 +116,7 @@ def bootstrap_ci(
     for _ in range(n_boot):
         pick = rng.choice(len(stacks), size=len(stacks), replace=True)
         sel = np.concatenate([members[stacks[i]] for i in pick])
-        m = compute_metrics(
-            infected=np.asarray(infected)[sel],
-            prob=_subset(prob, sel),
-            time_true=_subset(time_true, sel),
-            time_pred=_subset(time_pred, sel),
-            time_mask=_subset(time_mask, sel),
-        )
+        m = _metrics_on(sel, infected, prob, time_true, time_pred, time_mask)
         both_classes = len(np.unique(np.asarray(infected)[sel])) == 2
         for k, v in m.items():
             # cls_* of a resample with one class only are undefined (or 0 by convention): leave them out
