@@ -46,7 +46,7 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best_metric", "splits"}
 
     results = json.loads((run / "results.json").read_text())
-    assert results["epochs_run"] == 2 and 1 <= results["best_epoch"] <= 2
+    assert results["history_length"] == 2 and 1 <= results["best_epoch"] <= 2
     assert set(METRIC_NAMES) <= set(results["best"]) and "test" in results
     metrics = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in metrics] == ["1", "2"]
@@ -74,7 +74,7 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     assert [r["epoch"] for r in read_csv(run / "metrics.csv")] == ["1", "2", "3"]
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 3
     assert yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"] == 3
-    assert json.loads((run / "results.json").read_text())["epochs_run"] == 3
+    assert json.loads((run / "results.json").read_text())["history_length"] == 3
 
     out = Path(cli(capsys, "evaluate", "--run", str(run), "--split", "test"))
     ev = json.loads(out.read_text())
@@ -151,7 +151,7 @@ def test_sigkill_mid_epoch_then_resume(tiny_config, tmp_path):
     assert done.returncode == 0, done.stderr
     assert Path(done.stdout.strip().splitlines()[-1]) == run
     assert [r["epoch"] for r in read_csv(run / "metrics.csv")] == [str(e) for e in range(1, 7)]
-    assert json.loads((run / "results.json").read_text())["epochs_run"] == 6
+    assert json.loads((run / "results.json").read_text())["history_length"] == 6
     assert f"resumed {run} at epoch {killed_at}" in (run / "train.log").read_text()
 
 

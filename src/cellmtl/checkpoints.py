@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from cellmtl.config import Config, config_from_dict
+from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
 from cellmtl.data.transforms import Normalizer
 from cellmtl.errors import BadInputError
+from cellmtl.io import StackInfo
 from cellmtl.models import ModelSpec, MultiTaskResNet
 
 FORMAT_VERSION = 1
@@ -75,8 +78,19 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiTaskResNet:
     return model.eval()
 
 
-def normalizer_from_checkpoint(ckpt: dict[str, Any]) -> Normalizer:
-    return Normalizer.from_dict(ckpt["normalizer"])
+def checkpoint_dataset(
+    ckpt: dict[str, Any], infos: Sequence[StackInfo], stack_ids: Sequence[str], index: SampleIndex
+) -> TimeCourseDataset:
+    """Frames prepared exactly as the checkpoint's model saw them in training: its channels, image size
+    and normalisation; no augmentation."""
+    return TimeCourseDataset(
+        infos,
+        stack_ids,
+        index,
+        channels=ckpt["channels"],
+        image_size=int(ckpt["image_size"]),
+        normalizer=Normalizer.from_dict(ckpt["normalizer"]),
+    )
 
 
 def config_from_checkpoint(ckpt: dict[str, Any]) -> Config:

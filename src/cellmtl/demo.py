@@ -66,7 +66,7 @@ def summary(results: dict[str, Any], run_dir: Path) -> str:
         [
             "",
             "cellmtl demo finished",
-            f"  best epoch         {results['best_epoch']} of {results['epochs_run']}",
+            f"  best epoch         {results['best_epoch']} of {results['history_length']}",
             f"  val cls_auc        {_fmt(best.get('cls_auc'))}",
             f"  val cls_acc        {_fmt(best.get('cls_acc'))}",
             f"  val reg_mae        {_fmt(best.get('reg_mae'), ' h')}"

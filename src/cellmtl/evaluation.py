@@ -9,15 +9,20 @@ from typing import Any
 
 import numpy as np
 
-from cellmtl.checkpoints import config_from_checkpoint, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from cellmtl.data.dataset import TimeCourseDataset, load_experiment
-from cellmtl.data.transforms import Normalizer
+from cellmtl.checkpoints import (
+    checkpoint_dataset,
+    config_from_checkpoint,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+)
+from cellmtl.data.dataset import load_experiment
 from cellmtl.errors import BadInputError
-from cellmtl.inference import make_loader, prediction_rows, run_model, write_csv
+from cellmtl.inference import make_loader, prediction_arrays, prediction_rows, run_model, write_csv
 from cellmtl.losses import MultiTaskLoss
 from cellmtl.reporting import plot_time_bins, write_run_plots
 from cellmtl.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
-from cellmtl.training import pick_device, score, val_arrays
+from cellmtl.training import pick_device, score
 
 LOG_KEYS = (
     "total_loss",
@@ -50,14 +55,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     if not exp.split_records(split):
         raise BadInputError(f"run {run} has no {split} split")
     index = exp.index(split, getattr(cfg.data.frames, split), cfg.data.pre_onset)
-    ds = TimeCourseDataset(
-        exp.infos,
-        [r.stack_id for r in exp.records],
-        index,
-        channels=ckpt["channels"],
-        image_size=ckpt["image_size"],
-        normalizer=Normalizer.from_dict(ckpt["normalizer"]),
-    )
+    ds = checkpoint_dataset(ckpt, exp.infos, [r.stack_id for r in exp.records], index)
     device = pick_device(cfg.training.device)
     model = model_from_checkpoint(ckpt).to(device)
     loader = make_loader(ds, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers, device=device)
@@ -65,20 +63,13 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     loss_fn = MultiTaskLoss(cfg.task.mode, cfg.multitask.classification_weight, cfg.multitask.regression_weight)
     metrics = score(model.cpu(), loss_fn, index, preds)
     write_csv(prediction_rows(ds, preds, exp.records), run / f"predictions_{split}.csv")
-    arrays = val_arrays(ds, preds)
+    arrays = prediction_arrays(index, preds)
     plots = write_run_plots(run, [], arrays, subdir=f"plots/evaluation_{split}")
     ids = [exp.records[int(k)].stack_id for k in index.stack]
-    task_arrays = (
-        arrays["infected"],
-        arrays["prob"],
-        arrays["time_true"] if preds.time_pred is not None else None,
-        arrays["time_pred"],
-        arrays["time_mask"] if preds.time_pred is not None else None,
-    )
-    bins = binned_metrics(index.hours, *task_arrays, bin_hours=3.0)
+    bins = binned_metrics(index.hours, arrays, bin_hours=3.0)
     bins_png = plot_time_bins(bins, run / "plots" / f"evaluation_{split}" / "metrics_vs_time.png")
     plots += [bins_png] if bins_png else []
-    per_stack = per_stack_metrics(ids, *task_arrays)
+    per_stack = per_stack_metrics(ids, arrays)
     write_csv(per_stack, run / f"per_stack_{split}.csv")
     result: dict[str, Any] = {
         "split": split,
@@ -87,7 +78,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
         "n_frames": len(ds),
         "n_stacks": int(len(np.unique(index.stack))),
         "metrics": metrics,
-        "ci95_bootstrap_over_stacks": bootstrap_ci(ids, *task_arrays, n_boot=1000, seed=cfg.seed),
+        "ci95_bootstrap_over_stacks": bootstrap_ci(ids, arrays, n_boot=1000, seed=cfg.seed),
         "time_bins_3h": bins,
         "earliest_hour_auc_ge_0.99_two_bins": earliest_reliable_hour(bins),
         "per_stack": per_stack,

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from cellmtl.data.dataset import TimeCourseDataset
+from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
 from cellmtl.data.manifest import StackRecord
 from cellmtl.models import MultiTaskResNet
 
@@ -24,14 +24,14 @@ class Predictions:
     """Per-frame outputs aligned with a dataset's sample index. `prob`/`time_pred` are None for the task a
     single-task model lacks. Times in hours."""
 
-    index_pos: np.ndarray  # int64 position in the dataset
+    n: int  # frames, in the dataset's index order
     prob: np.ndarray | None
     logit: np.ndarray | None
     time_pred: np.ndarray | None  # hours
     time_pred_scaled: np.ndarray | None
 
     def __len__(self) -> int:
-        return len(self.index_pos)
+        return self.n
 
 
 def autocast_for(device: torch.device, amp: bool) -> tuple[torch.dtype | None, bool]:
@@ -109,12 +109,25 @@ def run_model(
     logit = torch.cat(logits).numpy() if logits else None
     scaled = torch.cat(times) if times else None
     return Predictions(
-        index_pos=np.arange(n),
+        n=n,
         prob=None if logit is None else (1.0 / (1.0 + np.exp(-logit.astype(np.float64)))).astype(np.float32),
         logit=logit,
         time_pred=None if scaled is None else model.time_hours(scaled).numpy(),
         time_pred_scaled=None if scaled is None else scaled.numpy(),
     )
+
+
+def prediction_arrays(index: SampleIndex, preds: Predictions) -> dict[str, np.ndarray | None]:
+    """Labels and outputs as the keyword arguments of `metrics.compute_metrics` (and the `val` mapping of
+    `reporting.write_run_plots`); the time entries are None for a model without a time head."""
+    has_time = preds.time_pred is not None
+    return {
+        "infected": index.infected.astype(np.int64),
+        "prob": preds.prob,
+        "time_true": index.time_target if has_time else None,
+        "time_pred": preds.time_pred,
+        "time_mask": np.isfinite(index.time_target) if has_time else None,
+    }
 
 
 def prediction_rows(
@@ -222,11 +235,10 @@ def predict(
 
     Uses the checkpoint's own channels, normalisation and image size. Labels are optional: where the
     manifest gives a condition (and onset), `condition` and `time_target` columns are filled in."""
-    from cellmtl.checkpoints import config_from_checkpoint, load_checkpoint, model_from_checkpoint
+    from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint, model_from_checkpoint
     from cellmtl.config import FrameSelection
-    from cellmtl.data.dataset import SampleIndex, probe_records, stack_index
+    from cellmtl.data.dataset import probe_records, stack_index
     from cellmtl.data.manifest import load_manifest
-    from cellmtl.data.transforms import Normalizer
     from cellmtl.training import pick_device
 
     ckpt = load_checkpoint(checkpoint)
@@ -243,8 +255,7 @@ def predict(
     every = FrameSelection()
     parts = [stack_index(r, i, k, every, "keep") for k, (r, i) in enumerate(zip(records, infos, strict=True))]
     index = SampleIndex.concat(parts)
-    ds = TimeCourseDataset(infos, [r.stack_id for r in records], index, channels=channels,
-                           image_size=int(ckpt["image_size"]), normalizer=Normalizer.from_dict(ckpt["normalizer"]))
+    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], index)
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     loader = make_loader(ds, batch_size=batch_size, num_workers=num_workers, device=dev)

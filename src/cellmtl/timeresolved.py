@@ -6,11 +6,15 @@ stacks (resample whole stacks with replacement), not over frames. Pure functions
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from cellmtl.metrics import compute_metrics
+
+# Keyword arguments of `compute_metrics` (`inference.prediction_arrays` builds them): infected, prob,
+# time_true, time_pred, time_mask, each [N] aligned with the frames, or None for a task the model lacks.
+Arrays = Mapping[str, np.ndarray | None]
 
 BIN_KEYS = ("cls_auc", "cls_acc", "reg_mae", "reg_mae_infected", "reg_mae_uninfected")
 
@@ -19,24 +23,14 @@ def _subset(arr: np.ndarray | None, sel: np.ndarray) -> np.ndarray | None:
     return None if arr is None else np.asarray(arr)[sel]
 
 
-def _metrics_on(sel: np.ndarray, infected, prob, time_true, time_pred, time_mask) -> dict[str, float | None]:
+def _metrics_on(arrays: Arrays, sel: np.ndarray) -> dict[str, float | None]:
     """`compute_metrics` on the frames `sel` (a boolean mask or an index array)."""
-    return compute_metrics(
-        infected=np.asarray(infected)[sel],
-        prob=_subset(prob, sel),
-        time_true=_subset(time_true, sel),
-        time_pred=_subset(time_pred, sel),
-        time_mask=_subset(time_mask, sel),
-    )
+    return compute_metrics(**{k: _subset(v, sel) for k, v in arrays.items()})
 
 
 def binned_metrics(
     hours: np.ndarray,
-    infected: np.ndarray,
-    prob: np.ndarray | None,
-    time_true: np.ndarray | None,
-    time_pred: np.ndarray | None,
-    time_mask: np.ndarray | None,
+    arrays: Arrays,
     bin_hours: float = 3.0,
 ) -> list[dict[str, float | None]]:
     """Metrics per bin of `hours` (hours since experiment start), bins `[k*bin, (k+1)*bin)`; each row has
@@ -50,7 +44,7 @@ def binned_metrics(
         sel = (hours >= k * bin_hours) & (hours < (k + 1) * bin_hours)
         if not sel.any():
             continue
-        m = _metrics_on(sel, infected, prob, time_true, time_pred, time_mask)
+        m = _metrics_on(arrays, sel)
         row: dict[str, float | None] = {
             "hour_start": k * bin_hours,
             "hour_end": (k + 1) * bin_hours,
@@ -76,19 +70,19 @@ def earliest_reliable_hour(
 
 def per_stack_metrics(
     stack_ids: Sequence[str],
-    infected: np.ndarray,
-    prob: np.ndarray | None,
-    time_true: np.ndarray | None,
-    time_pred: np.ndarray | None,
-    time_mask: np.ndarray | None,
+    arrays: Arrays,
 ) -> list[dict]:
     """One row per stack: frames, accuracy and time MAE (hours) over its frames."""
     ids = np.asarray(stack_ids)
     rows = []
     for sid in dict.fromkeys(ids.tolist()):
         sel = ids == sid
-        m = _metrics_on(sel, infected, prob, time_true, time_pred, time_mask)
-        row = {"stack_id": sid, "n": int(sel.sum()), "condition": "infected" if infected[sel][0] else "uninfected"}
+        m = _metrics_on(arrays, sel)
+        row = {
+            "stack_id": sid,
+            "n": int(sel.sum()),
+            "condition": "infected" if arrays["infected"][sel][0] else "uninfected",
+        }
         row.update({k: m[k] for k in ("cls_acc", "reg_mae") if k in m})
         rows.append(row)
     return rows
@@ -96,11 +90,7 @@ def per_stack_metrics(
 
 def bootstrap_ci(
     stack_ids: Sequence[str],
-    infected: np.ndarray,
-    prob: np.ndarray | None,
-    time_true: np.ndarray | None,
-    time_pred: np.ndarray | None,
-    time_mask: np.ndarray | None,
+    arrays: Arrays,
     *,
     n_boot: int = 1000,
     seed: int = 0,
@@ -116,8 +106,8 @@ def bootstrap_ci(
     for _ in range(n_boot):
         pick = rng.choice(len(stacks), size=len(stacks), replace=True)
         sel = np.concatenate([members[stacks[i]] for i in pick])
-        m = _metrics_on(sel, infected, prob, time_true, time_pred, time_mask)
-        both_classes = len(np.unique(np.asarray(infected)[sel])) == 2
+        m = _metrics_on(arrays, sel)
+        both_classes = len(np.unique(np.asarray(arrays["infected"])[sel])) == 2
         for k, v in m.items():
             # cls_* of a resample with one class only are undefined (or 0 by convention): leave them out
             if v is not None and (both_classes or not k.startswith("cls_")):

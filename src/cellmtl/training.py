@@ -39,6 +39,7 @@ from cellmtl.inference import (
     autocast_ctx,
     autocast_for,
     make_loader,
+    prediction_arrays,
     prediction_rows,
     run_model,
     write_csv,
@@ -127,7 +128,6 @@ class Setup:
     logger: logging.Logger
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
-    best_metric: float | None = None
     best_epoch: int = 0
     wall_time_s: float = 0.0
 
@@ -161,17 +161,34 @@ def lr_lambda_factory(total_steps: int, warmup_steps: int):
     return lr_lambda
 
 
-def datasets(cfg: Config, exp: Experiment, normalizer: Normalizer) -> tuple[TimeCourseDataset, ...]:
+def split_indices(cfg: Config, exp: Experiment) -> dict[str, SampleIndex | None]:
+    """Each split's frames (None for an absent test split); an empty train or val split is a bad input."""
+    d = cfg.data
+    out: dict[str, SampleIndex | None] = {}
+    for split in ("train", "val", "test"):
+        if split == "test" and not exp.split_records("test"):
+            out[split] = None
+            continue
+        index = exp.index(split, getattr(d.frames, split), d.pre_onset)
+        if len(index) < (2 if split == "train" else 1):
+            raise BadInputError(
+                f"the {split} split has {len(index)} frame(s) left after data.pre_onset and data.frames"
+                + ("; it needs at least 2" if split == "train" else "")
+            )
+        out[split] = index
+    return out
+
+
+def datasets(
+    cfg: Config, exp: Experiment, indices: dict[str, SampleIndex | None], normalizer: Normalizer
+) -> tuple[TimeCourseDataset | None, ...]:
     d = cfg.data
     ids = [r.stack_id for r in exp.records]
     out = []
-    for split in ("train", "val", "test"):
-        index = exp.index(split, getattr(d.frames, split), d.pre_onset)
-        if split == "test" and not exp.split_records("test"):
+    for split, index in indices.items():
+        if index is None:
             out.append(None)
             continue
-        if len(index) == 0:
-            raise BadInputError(f"the {split} split has no frames left after data.pre_onset and data.frames")
         out.append(
             TimeCourseDataset(
                 exp.infos,
@@ -205,14 +222,11 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     device = pick_device(cfg.training.device)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.training.num_threads, cfg.data.num_workers))
-    d = cfg.data
-    train_index = exp.index("train", d.frames.train, d.pre_onset)
-    if len(train_index) < 2:
-        raise BadInputError(
-            f"the train split has {len(train_index)} frame(s) after data.pre_onset and data.frames; it needs at least 2"
-        )
+    indices = split_indices(cfg, exp)
+    train_index = indices["train"]
+    assert train_index is not None  # split_indices guarantees a train split
     normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt else build_normalizer(cfg, exp, train_index)
-    train_ds, val_ds, test_ds = datasets(cfg, exp, normalizer)
+    train_ds, val_ds, test_ds = datasets(cfg, exp, indices, normalizer)
 
     if ckpt is None:
         run_dir = new_run_dir(cfg)
@@ -260,7 +274,6 @@ def restore(s: Setup, ckpt: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     s.history = list(ckpt["history"])
     s.start_epoch = int(ckpt["epoch"])
-    s.best_metric = ckpt["best_metric"]
     s.best_epoch = int(ckpt["best_epoch"])
     s.wall_time_s = float(ckpt.get("wall_time_s", 0.0))
     dump_config(s.cfg, s.run_dir / "config.yaml")  # --set on resume changes the resolved config
@@ -300,7 +313,7 @@ def checkpoint_dict(s: Setup, epoch: int) -> dict[str, Any]:
         "scheduler": s.scheduler.state_dict(),
         "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
         "epoch": epoch,
-        "best_metric": s.best_metric,
+        "best_metric": best_val_metrics(s).get(s.cfg.training.select_metric) if s.best_epoch else None,
         "best_epoch": s.best_epoch,
         "select_metric": s.cfg.training.select_metric,
         "history": s.history,
@@ -381,19 +394,11 @@ def score(
     if preds.time_pred_scaled is not None:
         out["time"] = torch.from_numpy(preds.time_pred_scaled)
     with torch.no_grad():
-        hours = torch.from_numpy(np.nan_to_num(index.time_target))
-        t_scaled = (hours - model.time_shift.cpu()) / model.time_scale.cpu()
+        hours = torch.from_numpy(np.nan_to_num(index.time_target)).to(model.time_shift.device)
+        t_scaled = model.scale_time(hours).cpu()
         losses = loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)), t_scaled, torch.from_numpy(has_time))
     metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
-    metrics.update(
-        compute_metrics(
-            infected=index.infected.astype(np.int64),
-            prob=preds.prob,
-            time_true=index.time_target if preds.time_pred is not None else None,
-            time_pred=preds.time_pred,
-            time_mask=has_time if preds.time_pred is not None else None,
-        )
-    )
+    metrics.update(compute_metrics(**prediction_arrays(index, preds)))
     return metrics
 
 
@@ -486,13 +491,10 @@ def fit(s: Setup) -> dict[str, Any]:
         row = {"epoch": epoch, "lr": lr, **train, **{f"val_{k}": v for k, v in val.items()},
                "epoch_time_s": round(time.perf_counter() - t0, 3)}
         s.history.append(row)
-        best_val = s.history[s.best_epoch - 1] if s.best_epoch else None
-        best_val = {k.removeprefix("val_"): v for k, v in best_val.items()} if best_val else None
-        improved = is_better(val, best_val, metric)
+        improved = is_better(val, best_val_metrics(s) if s.best_epoch else None, metric)
         if improved or not (ckpt_dir / "best.pt").exists():
             if improved:
-                s.best_metric = val.get(metric)
-                log.info("✓ New best model! %s=%.4f", metric, s.best_metric)
+                log.info("✓ New best model! %s=%.4f", metric, val[metric])
             s.best_epoch, stale = epoch, 0
             atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "best.pt")
         else:
@@ -502,14 +504,10 @@ def fit(s: Setup) -> dict[str, Any]:
     return finish(s)
 
 
-def val_arrays(ds: TimeCourseDataset, preds: Predictions) -> dict[str, np.ndarray | None]:
-    return {
-        "infected": ds.index.infected.astype(np.int64),
-        "prob": preds.prob,
-        "time_true": ds.index.time_target,
-        "time_pred": preds.time_pred,
-        "time_mask": np.isfinite(ds.index.time_target),
-    }
+def best_val_metrics(s: Setup) -> dict[str, Any]:
+    """Validation metrics of the best epoch so far, read back from the history (history row e is epoch e)."""
+    row = s.history[s.best_epoch - 1]
+    return {k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_")}
 
 
 def finish(s: Setup) -> dict[str, Any]:
@@ -519,7 +517,7 @@ def finish(s: Setup) -> dict[str, Any]:
     val, val_preds = validate(s, s.val_ds)
     write_csv(prediction_rows(s.val_ds, val_preds, s.exp.records), s.run_dir / "predictions_val.csv")
     try:
-        write_run_plots(s.run_dir, s.history, val_arrays(s.val_ds, val_preds))
+        write_run_plots(s.run_dir, s.history, prediction_arrays(s.val_ds.index, val_preds))
     except ValueError as exc:  # e.g. non-finite predictions: keep the run, say why plots are missing
         s.logger.warning("plots not written: %s", exc)
     results: dict[str, Any] = {
@@ -528,7 +526,6 @@ def finish(s: Setup) -> dict[str, Any]:
         "best_epoch": s.best_epoch,
         "best": val,
         "final": {k.removeprefix("val_"): v for k, v in s.history[-1].items() if k.startswith("val_")},
-        "epochs_run": len(s.history),
         "history_length": len(s.history),
         "wall_time_s": round(s.wall_time_s, 2),
     }
