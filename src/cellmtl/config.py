@@ -94,6 +94,11 @@ class DataConfig(_Strict):
     image_size: int = Field(128, ge=16, le=2048)
     pre_onset: Literal["drop", "keep", "as_uninfected"] = "drop"
     num_workers: int = Field(2, ge=0)
+    balance: Literal["none", "sampler", "weights"] = Field(
+        "none",
+        description="class imbalance: sampler = draw training frames class-balanced each epoch; weights = "
+        "classification loss weights inverse to class frequency",
+    )
     normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
     frames: FramesConfig = Field(default_factory=FramesConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)

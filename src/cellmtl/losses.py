@@ -3,6 +3,8 @@
 The time term is computed on the scaled time axis (hours minus the training mean, divided by the
 training std or `multitask.time_scale_hours`), so SmoothL1's beta of 1 means about one std, and both
 terms start at comparable magnitudes. Samples without a time target are masked out of it.
+`class_weights` (from `data.balance: weights`) weight each frame's BCE term by its class: the mean of
+`w[y] * bce`, so a minority class counts as much in total as the majority.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ class MultiTaskLoss:
     classification_weight: float = 1.0
     regression_weight: float = 1.0
     pos_weight: float | None = None
+    class_weights: tuple[float, float] | None = None  # (uninfected, infected) per-frame BCE weights
 
     def __call__(
         self,
@@ -34,7 +37,11 @@ class MultiTaskLoss:
         if "infected" in out:
             logit = out["infected"].float()
             pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logit.device)
-            cls = F.binary_cross_entropy_with_logits(logit, infected.float(), pos_weight=pw)
+            weight = None
+            if self.class_weights is not None:
+                w0, w1 = self.class_weights
+                weight = torch.where(infected > 0.5, w1, w0).to(logit.device, torch.float32)
+            cls = F.binary_cross_entropy_with_logits(logit, infected.float(), weight=weight, pos_weight=pw)
         if "time" in out:
             # Masked mean without boolean indexing: no host-device sync, no NaN from missing targets.
             mask = has_time.float()

@@ -29,7 +29,9 @@ from cellmtl.data.dataset import (
     Experiment,
     SampleIndex,
     TimeCourseDataset,
+    balanced_sample_weights,
     build_normalizer,
+    class_weights,
     load_experiment,
 )
 from cellmtl.data.transforms import Normalizer
@@ -251,6 +253,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         cfg.multitask.classification_weight,
         cfg.multitask.regression_weight,
         resolve_pos_weight(cfg, train_ds.index),
+        class_weights(train_ds.index.infected) if cfg.data.balance == "weights" else None,
     )
     calib_ds = copy.copy(train_ds)
     calib_ds.augment_cfg = None
@@ -458,13 +461,19 @@ def is_better(val: dict[str, float | None], best: dict[str, float | None] | None
 VAL_LOG_KEYS = ("total_loss", "cls_auc", "cls_acc", "reg_mae", "reg_rmse")
 
 
+def train_sampler(s: Setup) -> EpochSampler:
+    """Shuffled training frames; with `data.balance: sampler`, drawn so both classes come equally often."""
+    balanced = balanced_sample_weights(s.train_ds.index.infected) if s.cfg.data.balance == "sampler" else None
+    return EpochSampler(len(s.train_ds), shuffle=True, seed=s.cfg.seed, weights=balanced)
+
+
 def fit(s: Setup) -> dict[str, Any]:
     """The epoch loop; returns results.json's content."""
     cfg, log = s.cfg, s.logger
     metric = cfg.training.select_metric
     assert metric is not None  # resolved by Config
     nw = cfg.data.num_workers
-    sampler = EpochSampler(len(s.train_ds), shuffle=True, seed=cfg.seed)
+    sampler = train_sampler(s)
     # Full batches only: a last batch of one sample breaks BatchNorm and gives noisy steps.
     train_loader = make_loader(s.train_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
                                sampler=sampler, drop_last=len(s.train_ds) > cfg.training.batch_size, persistent=True)

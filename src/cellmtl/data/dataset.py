@@ -245,19 +245,46 @@ class TimeCourseDataset(Dataset):
         }
 
 
+def class_weights(infected: np.ndarray) -> tuple[float, float]:
+    """(uninfected, infected) weights inverse to class frequency, `n / (2 * n_class)`: 1.0 each when the
+    classes are balanced, and each class then contributes half of the total weight. A missing class gets
+    1.0 (nothing to rebalance against)."""
+    labels = np.asarray(infected)
+    n0, n1 = int((labels == 0).sum()), int((labels == 1).sum())
+    if n0 == 0 or n1 == 0:
+        return 1.0, 1.0
+    n = n0 + n1
+    return n / (2 * n0), n / (2 * n1)
+
+
+def balanced_sample_weights(infected: np.ndarray) -> np.ndarray:
+    """float64 [N] draw probabilities that give both classes the same total mass (unknown labels: 0)."""
+    labels = np.asarray(infected)
+    w0, w1 = class_weights(labels)
+    w = np.where(labels == 1, w1, np.where(labels == 0, w0, 0.0)).astype(np.float64)
+    return w / w.sum() if w.sum() > 0 else np.full(len(labels), 1.0 / max(len(labels), 1))
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Shuffled (or sequential) indices paired with the epoch, so per-sample augmentation is seeded
-    by (seed, epoch, index) rather than by worker-local global RNG state."""
+    by (seed, epoch, index) rather than by worker-local global RNG state.
 
-    def __init__(self, n: int, *, shuffle: bool, seed: int) -> None:
+    With `weights` (draw probabilities, [n]) each epoch draws n indices with replacement from them: the
+    class-balanced sampling of `data.balance: sampler`, where minority-class frames recur within an epoch
+    (each with its own augmentation, since the key holds the epoch)."""
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int, weights: np.ndarray | None = None) -> None:
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist()
+        elif self.shuffle:
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = range(self.n)
