@@ -76,13 +76,17 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     assert yaml.safe_load((run / "config.yaml").read_text())["training"]["epochs"] == 3
     assert json.loads((run / "results.json").read_text())["history_length"] == 3
 
-    out = Path(cli(capsys, "evaluate", "--run", str(run), "--split", "test"))
+    out = Path(cli(capsys, "evaluate", "--run", str(run), "--split", "test", "--top-k", "3"))
     ev = json.loads(out.read_text())
     assert ev["split"] == "test" and set(METRIC_NAMES) <= set(ev["metrics"])
     assert ev["time_bins_3h"] and sum(b["n"] for b in ev["time_bins_3h"]) == ev["n_frames"]
     assert "reg_mae" in ev["ci95_bootstrap_over_stacks"] and "earliest_hour_auc_ge_0.99_two_bins" in ev
     assert (run / "plots" / "evaluation_test" / "metrics_vs_time.png").is_file()
     assert len(read_csv(run / "per_stack_test.csv")) == ev["n_stacks"]
+    errors = read_csv(run / "errors_test.csv")  # error review: at most 3 per task, worst first
+    assert {r["kind"] for r in errors} <= {"classification", "time"} and (run / "errors_test.png").is_file()
+    times = [float(r["error"]) for r in errors if r["kind"] == "time"]
+    assert len(times) == 3 and times == sorted(times, reverse=True)
 
     pred_csv = tmp_path / "pred.csv"
     cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(tiny_experiment),

@@ -78,7 +78,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cellmtl.evaluation import evaluate_run
 
-    out = evaluate_run(args.run, checkpoint=args.checkpoint, split=args.split)
+    out = evaluate_run(args.run, checkpoint=args.checkpoint, split=args.split, top_k=args.top_k)
     print(out)
     return 0
 
@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="run folder")
     p.add_argument("--checkpoint", default="best", help="best, last, or a checkpoint path")
     p.add_argument("--split", choices=("val", "test"), default="val")
+    p.add_argument("--top-k", type=int, default=12,
+                   help="error review: the K worst classification and K worst time predictions (errors_<split>.*)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict infection and time for new stacks")

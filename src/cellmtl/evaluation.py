@@ -21,6 +21,7 @@ from cellmtl.errors import BadInputError
 from cellmtl.inference import make_loader, prediction_arrays, prediction_rows, run_model, write_csv
 from cellmtl.losses import MultiTaskLoss
 from cellmtl.reporting import plot_time_bins, write_run_plots
+from cellmtl.review import write_error_review
 from cellmtl.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
 from cellmtl.training import pick_device, score
 
@@ -42,10 +43,12 @@ def checkpoint_path(run: Path, checkpoint: str) -> Path:
     return resolve_checkpoint(checkpoint)
 
 
-def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val") -> Path:
-    """Write `evaluation_<split>.json`, `predictions_<split>.csv` and plots into the run folder; returns
-    the JSON path."""
+def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val", top_k: int = 12) -> Path:
+    """Write `evaluation_<split>.json`, `predictions_<split>.csv`, plots and the error review
+    (`errors_<split>.csv/.png`: the `top_k` worst frames per task) into the run folder; returns the JSON path."""
     run = Path(run)
+    if top_k < 1:
+        raise BadInputError(f"--top-k must be at least 1, got {top_k}")
     if not run.is_dir():
         raise BadInputError(f"run folder not found: {run}")
     ckpt_path = checkpoint_path(run, checkpoint)
@@ -69,6 +72,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     bins = binned_metrics(index.hours, arrays, bin_hours=3.0)
     bins_png = plot_time_bins(bins, run / "plots" / f"evaluation_{split}" / "metrics_vs_time.png")
     plots += [bins_png] if bins_png else []
+    errors = write_error_review(run, split, arrays, ids, index.frame, index.hours, ds.load_image, top_k)
     per_stack = per_stack_metrics(ids, arrays)
     write_csv(per_stack, run / f"per_stack_{split}.csv")
     result: dict[str, Any] = {
@@ -83,6 +87,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
         "earliest_hour_auc_ge_0.99_two_bins": earliest_reliable_hour(bins),
         "per_stack": per_stack,
         "plots": [str(p) for p in plots],
+        "error_review": [str(p) for p in errors],
     }
     out = run / f"evaluation_{split}.json"
     out.write_text(json.dumps(result, indent=2, allow_nan=False))
