@@ -156,11 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for PATH inputs: hours between frames (default: the training config's)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint for other tools (ONNX)")
+    p = sub.add_parser("export", help="export a checkpoint for other tools (ONNX, bioimage.io)")
     p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--format", choices=("onnx",), required=True,
-                   help="onnx: inputs normalised [N, C, H, W]; outputs prob_infected and time_hours")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--format", choices=("onnx", "bioimageio"), required=True,
+                   help="onnx: inputs normalised [N, C, H, W]; outputs prob_infected and time_hours. "
+                   "bioimageio: a bioimage.io 0.5 model package (normalisation declared as preprocessing)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="onnx: the .onnx file; bioimageio: a folder, or a .zip path for a zipped package")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="synth + train + evaluate with built-in defaults (minutes on a laptop CPU)")

@@ -77,10 +77,14 @@ def add_metadata(path: Path, ckpt: dict) -> None:
 
 
 def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
-    if fmt != "onnx":
-        raise BadInputError(f"export format {fmt!r} is not supported (supported: onnx)")
+    if fmt not in ("onnx", "bioimageio"):
+        raise BadInputError(f"export format {fmt!r} is not supported (supported: onnx, bioimageio)")
     try:
         import onnx  # noqa: F401
     except ImportError:
         raise BadInputError("export --format onnx needs the 'export' extra: pip install 'cellmtl[export]'") from None
+    if fmt == "bioimageio":
+        from cellmtl.bioimage_package import export_bioimageio
+
+        return export_bioimageio(checkpoint, out)
     return export_onnx(checkpoint, out)

@@ -1,0 +1,298 @@
+"""`cellmtl export --format bioimageio`: a bioimage.io model package (format 0.5) others can run.
+
+The package holds ONNX weights of the network alone; the checkpoint's normaliser is declared as bioimage.io
+preprocessing (not baked into the graph), so any bioimage.io consumer reproduces it and a reader of rdf.yaml
+sees it:
+
+    ensure_dtype float32 -> scale_range (per_image: each image's per-channel percentiles)
+                          | scale_linear (dataset: the fixed per-channel lo/hi from training) -> ensure_dtype float32
+
+Input `image` `[batch, channel, y, x]` uint16 raw intensities, already resized to the checkpoint's image_size
+(resizing is not a bioimage.io operation; `cellmtl predict` resizes with antialiased bilinear). Output
+`prediction` `[batch, channel]` float32 with channels `prob_infected` and/or `time_hours` (hours since onset
+for infected, since experiment start for uninfected). The expected test output is computed by cellmtl's own
+PyTorch path (Normalizer + model), so `bioimageio.core.test_model` passing means the package reproduces
+`cellmtl predict` on the test image.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cellmtl import __version__
+from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+from cellmtl.data.transforms import Normalizer
+from cellmtl.errors import BadInputError
+from cellmtl.models import MultiTaskResNet
+
+OPSET = 18
+TEST_FRAME_HOUR = 12.0  # the synthetic test frame: an infected stack, 12 h after start, onset at 2 h
+
+
+_FAULTY_CALL = re.compile(r"handler\(\s*(\w+),\s*info,[^\n]*\n\s*\)")
+
+
+def _faulty_serializers() -> list[Any]:
+    """The three wrap serializers of bioimageio.spec 0.5.12 that pass `info` as the handler's `index_key`."""
+    from bioimageio.spec._internal import io_packaging
+    from bioimageio.spec._internal.validated_string_with_inner_node import ValidatedStringWithInnerNode
+    from bioimageio.spec.model import v0_4
+
+    method = ValidatedStringWithInnerNode.__dict__["_serialize"]
+    return [io_packaging.package_file_descr_serializer, v0_4.package_weights, getattr(method, "wrapped", method)]
+
+
+def patch_bioimageio_serializers() -> int:
+    """Make bioimageio.spec 0.5.12 work with pydantic >= 2.14; returns how many functions were patched.
+
+    Its wrap serializers call `handler(value, info)`, passing `SerializationInfo` as the handler's `index_key`;
+    pydantic-core ignored that until it began raising TypeError for it (pydantic PR #13506), and then every
+    `model_dump` of a model package (building, saving, `test_model`) fails. `handler(value)` is what older
+    pydantic effectively did. pydantic captured the function objects when bioimageio's types were built, so
+    each function's code is recompiled from its own source minus that argument and swapped in place; a
+    function whose source lacks the faulty call (a fixed bioimageio.spec) is left alone. Idempotent."""
+    import inspect
+    import textwrap
+
+    patched = 0
+    for fn in _faulty_serializers():
+        if getattr(fn, "_cellmtl_patched", False):
+            continue
+        src = textwrap.dedent(inspect.getsource(fn))
+        fixed_src, n = _FAULTY_CALL.subn(r"handler(\1)", src)
+        if n == 0:
+            continue
+        fixed_src = fixed_src[fixed_src.index("def "):]  # drop decorators: only the body is swapped
+        scope: dict[str, Any] = {}
+        exec(compile(fixed_src, inspect.getsourcefile(fn) or "<bioimageio>", "exec"), fn.__globals__, scope)
+        fn.__code__ = scope[fn.__name__].__code__
+        fn._cellmtl_patched = True
+        patched += 1
+    return patched
+
+
+class PackageWrapper(nn.Module):
+    """One `[N, K]` tensor out (K = the tasks the model has), because a bioimage.io output needs named
+    channels along an axis rather than a tuple of 1-D tensors."""
+
+    def __init__(self, model: MultiTaskResNet) -> None:
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        out = self.model(image)
+        cols = []
+        if "infected" in out:
+            cols.append(torch.sigmoid(out["infected"]))
+        if "time" in out:
+            cols.append(self.model.time_hours(out["time"]))
+        return torch.stack(cols, dim=1)
+
+
+def output_names(mode: str) -> list[str]:
+    return {"multitask": ["prob_infected", "time_hours"], "classification": ["prob_infected"],
+            "regression": ["time_hours"]}[mode]
+
+
+def test_image(in_chans: int, channels: list[int], size: int) -> np.ndarray:
+    """A synthetic uint16 `[1, C, size, size]` frame from cellmtl.synth (infected well), so the package's
+    test tensors look like microscopy rather than noise. Channel k is the synth channel `channels[k]` when
+    that exists (synth has 2), else channel k mod 2."""
+    from cellmtl.synth import render_stack
+
+    rng = np.random.default_rng(0)
+    stack = render_stack(rng, n_frames=1, size=size, start_hour=TEST_FRAME_HOUR, frame_interval_hours=1.0, onset=2.0)
+    picks = [c if 0 <= c < stack.shape[1] else k % stack.shape[1] for k, c in enumerate(channels[:in_chans])]
+    picks += [k % stack.shape[1] for k in range(len(picks), in_chans)]
+    return np.ascontiguousarray(stack[0][picks][None])
+
+
+def reference_output(model: MultiTaskResNet, normalizer: Normalizer, image: np.ndarray) -> np.ndarray:
+    """cellmtl's own path (float32 conversion, Normalizer, PyTorch model) on `[1, C, H, W]`: `[1, K]` float32."""
+    x = normalizer(torch.from_numpy(image[0].astype(np.float32)))[None]
+    with torch.no_grad():
+        return PackageWrapper(model)(x).numpy().astype(np.float32)
+
+
+def preprocessing(normalizer: Normalizer) -> list[Any]:
+    """The checkpoint's normaliser as bioimage.io steps, framed by explicit float32 casts (without the first
+    one a uint16 input stays uint16 through the pipeline and ONNX Runtime rejects it)."""
+    from bioimageio.spec.model import v0_5 as bio
+
+    if normalizer.mode == "per_image":
+        lo, hi = normalizer.percentiles
+        norm = bio.ScaleRangeDescr(kwargs=bio.ScaleRangeKwargs(
+            axes=[bio.AxisId("y"), bio.AxisId("x")], min_percentile=lo, max_percentile=hi, eps=1e-6))
+    else:
+        lo_v, hi_v = np.asarray(normalizer.lo, np.float64), np.asarray(normalizer.hi, np.float64)
+        gain = 1.0 / np.maximum(hi_v - lo_v, 1e-6)
+        norm = bio.ScaleLinearDescr(kwargs=bio.ScaleLinearAlongAxisKwargs(
+            axis=bio.AxisId("channel"), gain=gain.tolist(), offset=(-lo_v * gain).tolist()))
+    cast = bio.EnsureDtypeDescr(kwargs=bio.EnsureDtypeKwargs(dtype="float32"))
+    return [cast, norm, cast]
+
+
+def write_cover(image: np.ndarray, expected: np.ndarray, names: list[str], path: Path) -> Path:
+    """A 2:1 PNG: the test image's channels (each 1-99.8 % stretched) and the model's outputs on it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chans = image[0].astype(np.float32)
+    fig, axes = plt.subplots(1, len(chans) + 1, figsize=(8, 4), dpi=80)
+    for k, (ax, ch) in enumerate(zip(axes, chans, strict=False)):
+        lo, hi = np.percentile(ch, [1, 99.8])
+        ax.imshow(np.clip((ch - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
+        ax.set_title(f"channel {k}")
+        ax.axis("off")
+    axes[-1].axis("off")
+    text = "\n".join(f"{n} = {v:.3g}" for n, v in zip(names, expected[0], strict=True))
+    axes[-1].text(0.05, 0.5, "cellmtl\n\n" + text, fontsize=12, va="center")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_readme(ckpt: dict[str, Any], names: list[str], path: Path) -> Path:
+    norm = ckpt["normalizer"]
+    size = int(ckpt["image_size"])
+    path.write_text(f"""# cellmtl infection and time model
+
+Predicts from one microscopy image whether its cells are infected (`prob_infected`, 0-1) and a time in
+hours (`time_hours`: since infection onset for infected images, since experiment start for uninfected ones).
+Exported by cellmtl {__version__} from a checkpoint trained with backbone `{ckpt['model_spec']['name']}`,
+task mode `{ckpt['model_spec']['mode']}`.
+
+## Inputs and outputs
+
+- input `image`: `[batch, channel, y, x]`, uint16 raw intensities, {len(ckpt['channels'])} channel(s) (the
+  training data's channels {ckpt['channels']}), y = x = {size} px. Resize larger images to {size} x {size}
+  first (cellmtl uses antialiased bilinear resizing); the model was trained at that size.
+- preprocessing (declared in rdf.yaml): cast to float32, then the training normalisation
+  (`{norm['mode']}`, percentiles {norm['percentiles']}), then float32 again.
+- output `prediction`: `[batch, channel]` float32, channels {', '.join(f'`{n}`' for n in names)}.
+
+## Validation
+
+The test tensors are a synthetic frame from `cellmtl.synth` and the output of cellmtl's own PyTorch
+pipeline on it; `bioimageio.core.test_model` checks that the packaged ONNX weights with the declared
+preprocessing reproduce it. To validate the model on your own data quantitatively, label a few held-out
+stacks (condition, infection onset) and run `cellmtl evaluate` or `cellmtl predict` on them: report the
+classification AUC and accuracy, the MAE of `time_hours` in hours per class, and per stack whether the
+condition is right and how far `est_onset_hour` is from the true onset. Images from another microscope,
+cell line or virus than the training data need such a check before the outputs are trusted.
+""")
+    return path
+
+
+def build_description(ckpt: dict[str, Any], staging: Path, onnx_path: Path) -> Any:
+    """The ModelDescr for files already written into `staging`."""
+    from bioimageio.spec.model import v0_5 as bio
+
+    spec = ckpt["model_spec"]
+    size = int(ckpt["image_size"])
+    names = output_names(spec["mode"])
+    normalizer = Normalizer.from_dict(ckpt["normalizer"])
+    channel_names = [f"channel{c}" for c in ckpt["channels"]]
+    image = bio.InputTensorDescr(
+        id=bio.TensorId("image"),
+        description="raw intensities, resized to the training image size",
+        axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier(n) for n in channel_names]),
+              bio.SpaceInputAxis(id=bio.AxisId("y"), size=size), bio.SpaceInputAxis(id=bio.AxisId("x"), size=size)],
+        test_tensor=bio.FileDescr(source=staging / "test_input.npy"),
+        data=bio.IntervalOrRatioDataDescr(type="uint16"),
+        preprocessing=preprocessing(normalizer),
+    )
+    prediction = bio.OutputTensorDescr(
+        id=bio.TensorId("prediction"),
+        description="prob_infected (0-1) and/or time_hours (h)",
+        axes=[bio.BatchAxis(), bio.ChannelAxis(channel_names=[bio.Identifier(n) for n in names])],
+        test_tensor=bio.FileDescr(source=staging / "test_output.npy"),
+        data=bio.IntervalOrRatioDataDescr(type="float32"),
+        postprocessing=[bio.EnsureDtypeDescr(kwargs=bio.EnsureDtypeKwargs(dtype="float32"))],
+    )
+    return bio.ModelDescr(
+        name=f"cellmtl {spec['mode']} {spec['name']}",
+        description="Is this microscopy image from an infected well, and how many hours since onset (or start)?",
+        authors=[bio.Author(name="cellmtl")],
+        cite=[bio.CiteEntry(text="cellmtl: multi-task infection and time prediction from microscopy",
+                            url="https://github.com/cellmtl/cellmtl")],
+        license="MIT",
+        documentation=bio.FileDescr(source=staging / "README.md"),
+        covers=[bio.FileDescr(source=staging / "cover.png")],
+        tags=["infection", "time-lapse", "classification", "regression", "fluorescence-light-microscopy"],
+        inputs=[image],
+        outputs=[prediction],
+        weights=bio.WeightsDescr(onnx=bio.OnnxWeightsDescr(source=onnx_path, opset_version=OPSET)),
+        version="0.1.0",
+    )
+
+
+def export_onnx_graph(model: MultiTaskResNet, in_chans: int, size: int, path: Path) -> Path:
+    """The network alone (input already normalised), dynamic batch axis, outputs `[N, K]`."""
+    example = torch.zeros(2, in_chans, size, size)
+    torch.onnx.export(
+        PackageWrapper(model).eval(),
+        (example,),
+        str(path),
+        input_names=["image"],
+        output_names=["prediction"],
+        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+        opset_version=OPSET,
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+    )
+    return path
+
+
+def check_out(out: Path) -> None:
+    """A zip path, a new or empty folder, or an earlier package's folder (overwritten); never someone's data."""
+    if out.suffix == ".zip":
+        if out.is_dir():
+            raise BadInputError(f"--out {out} is a folder, not a zip file")
+        return
+    if out.is_file():
+        raise BadInputError(f"--out {out} is a file; give a folder, or a path ending in .zip")
+    if out.is_dir() and any(out.iterdir()) and not (out / "rdf.yaml").is_file():
+        raise BadInputError(f"--out {out} is a non-empty folder that holds no bioimage.io package")
+
+
+def export_bioimageio(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write the package to `out`: a folder, or a zip when `out` ends in `.zip`. Returns `out`."""
+    try:
+        from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
+    except ImportError:
+        raise BadInputError("export --format bioimageio needs bioimageio.core: pip install 'cellmtl[export]'") from None
+    patch_bioimageio_serializers()
+    out = Path(out)
+    check_out(out)
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    size, in_chans = int(ckpt["image_size"]), model.spec.in_chans
+    with tempfile.TemporaryDirectory(prefix="cellmtl_bioimageio_") as tmp:
+        staging = Path(tmp)
+        image = test_image(in_chans, list(ckpt["channels"]), size)
+        expected = reference_output(model, Normalizer.from_dict(ckpt["normalizer"]), image)
+        np.save(staging / "test_input.npy", image)
+        np.save(staging / "test_output.npy", expected)
+        names = output_names(model.spec.mode)
+        write_cover(image, expected, names, staging / "cover.png")
+        write_readme(ckpt, names, staging / "README.md")
+        onnx_path = export_onnx_graph(model, in_chans, size, staging / "weights.onnx")
+        descr = build_description(ckpt, staging, onnx_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.suffix == ".zip":
+            save_bioimageio_package(descr, output_path=out)
+        else:
+            save_bioimageio_package_as_folder(descr, output_path=out)
+    return out

@@ -1,0 +1,95 @@
+"""`cellmtl export --format bioimageio`: the package passes bioimage.io's own test, offline, and its outputs
+equal `cellmtl predict` on the same image."""
+
+from __future__ import annotations
+
+import csv
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from cellmtl.cli import main
+from cellmtl.config import config_to_dict, load_config
+from cellmtl.data.transforms import Normalizer
+from cellmtl.models import ModelSpec, build_model
+
+pytest.importorskip("bioimageio.core")
+pytest.importorskip("onnxruntime")
+
+
+def tiny_checkpoint(tmp_path: Path, config: Path) -> Path:
+    """An untrained resnet18 at 32 px in checkpoint form: the package must reproduce any weights, and building
+    it directly saves the training time."""
+    torch.manual_seed(0)
+    model = build_model(ModelSpec(name="resnet18", in_chans=2, mode="multitask", head_hidden=16)).eval()
+    model.set_time_scaling(6.0, 3.0)
+    ckpt = {
+        "model": model.state_dict(),
+        "model_spec": model.spec.to_dict(),
+        "config": config_to_dict(load_config(config)),
+        "normalizer": Normalizer("per_image", (1.0, 99.8)).to_dict(),
+        "channels": [0, 1],
+        "image_size": 32,
+    }
+    path = tmp_path / "tiny.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+def test_bioimageio_package_passes_test_model_and_matches_predict(tiny_config, tmp_path, capsys):
+    from bioimageio.core import test_model
+
+    ckpt = tiny_checkpoint(tmp_path, tiny_config)
+    pkg = tmp_path / "pkg"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "bioimageio", "--out", str(pkg)]) == 0
+    assert {"rdf.yaml", "weights.onnx", "test_input.npy", "test_output.npy", "cover.png", "README.md"} <= {
+        p.name for p in pkg.iterdir()
+    }
+    rdf = (pkg / "rdf.yaml").read_text()
+    assert "format_version: 0.5" in rdf and "prob_infected" in rdf and "channel1" in rdf
+    assert "## Validation" in (pkg / "README.md").read_text()
+
+    summary = test_model(pkg / "rdf.yaml")  # offline: every file is local
+    assert summary.status == "passed", summary.format()
+
+    # The expected output is cellmtl's own PyTorch path; check it against `cellmtl predict` on the test image.
+    image = np.load(pkg / "test_input.npy")
+    assert image.dtype == np.uint16 and image.shape == (1, 2, 32, 32)
+    tifffile.imwrite(tmp_path / "one.tif", image, imagej=True, metadata={"axes": "TCYX"})
+    out = tmp_path / "pred.csv"
+    assert main(["predict", "--checkpoint", str(ckpt), str(tmp_path / "one.tif"), "--out", str(out)]) == 0
+    row = next(csv.DictReader(out.open()))
+    expected = np.load(pkg / "test_output.npy")
+    np.testing.assert_allclose([float(row["prob_infected"]), float(row["pred_time_hours"])], expected[0], atol=1e-3)
+
+    zipped = tmp_path / "model.zip"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "bioimageio", "--out", str(zipped)]) == 0
+    assert {"rdf.yaml", "weights.onnx", "test_input.npy"} <= set(zipfile.ZipFile(zipped).namelist())
+
+
+def test_dataset_normaliser_becomes_scale_linear():
+    """`dataset` mode is declared as per-channel scale_linear; applied by hand it equals the Normalizer."""
+    from cellmtl.bioimage_package import preprocessing
+
+    norm = Normalizer("dataset", (1.0, 99.0), lo=(100.0, 120.0), hi=(900.0, 5000.0))
+    steps = preprocessing(norm)
+    assert [s.id for s in steps] == ["ensure_dtype", "scale_linear", "ensure_dtype"]
+    assert steps[0].kwargs.dtype == "float32"
+    gain, offset = np.array(steps[1].kwargs.gain), np.array(steps[1].kwargs.offset)
+    x = torch.rand(2, 4, 4) * 6000
+    by_steps = x.numpy() * gain[:, None, None] + offset[:, None, None]
+    np.testing.assert_allclose(by_steps, norm(x.clone()).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_out_paths_are_bad_input(tiny_config, tmp_path, capsys):
+    ckpt = tiny_checkpoint(tmp_path, tiny_config)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "keep.txt").write_text("mine")
+    code = main(["export", "--checkpoint", str(ckpt), "--format", "bioimageio", "--out", str(tmp_path / "data")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "holds no bioimage.io package" in err
+    assert (tmp_path / "data" / "keep.txt").read_text() == "mine"
