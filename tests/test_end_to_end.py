@@ -37,7 +37,7 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     assert run.parent == tmp_path / "outputs" / "t"
     for name in ("checkpoints/best.pt", "checkpoints/last.pt", "config.yaml", "splits.csv", "results.json",
                  "metrics.csv", "train.log", "predictions_val.csv", "predictions_test.csv",
-                 "plots/learning_curves.png", "plots/confusion_matrix.png", "plots/time_scatter.png"):
+                 "plots/learning_curves.png", "plots/confusion_matrix.png", "plots/time_scatter.png", "report.html"):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
 
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
@@ -87,6 +87,9 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     assert {r["kind"] for r in errors} <= {"classification", "time"} and (run / "errors_test.png").is_file()
     times = [float(r["error"]) for r in errors if r["kind"] == "time"]
     assert len(times) == 3 and times == sorted(times, reverse=True)
+    report = (run / "report.html").read_text()
+    assert "Evaluation: test" in report and "Training results" in report
+    assert report.count("data:image/png;base64,") == len(list((run / "plots").rglob("*.png")))
 
     pred_csv = tmp_path / "pred.csv"
     cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(tiny_experiment),

@@ -20,6 +20,7 @@ from cellmtl.data.dataset import load_experiment
 from cellmtl.errors import BadInputError
 from cellmtl.inference import make_loader, prediction_arrays, prediction_rows, run_model, write_csv
 from cellmtl.losses import MultiTaskLoss
+from cellmtl.report import write_report
 from cellmtl.reporting import plot_time_bins, write_run_plots
 from cellmtl.review import write_error_review
 from cellmtl.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
@@ -91,6 +92,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     }
     out = run / f"evaluation_{split}.json"
     out.write_text(json.dumps(result, indent=2, allow_nan=False))
+    write_report(run)
     print(summary_text(result), file=sys.stderr)
     return out
 

@@ -49,6 +49,7 @@ from cellmtl.inference import (
 from cellmtl.losses import MultiTaskLoss
 from cellmtl.metrics import compute_metrics, format_metrics, metric_direction
 from cellmtl.models import ModelSpec, MultiTaskResNet, build_model
+from cellmtl.report import write_report
 from cellmtl.reporting import write_run_plots
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
@@ -555,6 +556,7 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     s = setup(cfg, resume=resume, overrides=overrides)
     try:
         fit(s)
+        write_report(s.run_dir)
     finally:
         close_logger(s.logger)
     return s.run_dir
