@@ -6,9 +6,11 @@ compare each stack's predicted condition and `est_onset_hour` with the truth.
     python benchmarks/predict_holdout.py [--seed 0] [--out /tmp/cellmtl_predict_holdout] [--checkpoint last|best]
         [--run RUN_DIR] [--set key=value ...]
 
-Acceptance: every stack's condition right, and every infected stack's onset within 2 h. `--checkpoint last`
-(default) uses weights the val stacks never influenced; `best` was selected on them (a mild leak). `--run` reuses
-a trained run instead of training again. Exit status 0 whether or not the acceptance holds; the last line says.
+Acceptance: every stack's condition right, and every infected stack's onset within 2 h. `slope` is the stack's
+`onset_fit_slope` (near 1 when the predicted times track the clock, so that the onset estimate means something).
+`--checkpoint last` (default) uses weights the val stacks never influenced; `best` was selected on them (a mild
+leak). `--run` reuses a trained run instead of training again. Exit status 0 whether or not the acceptance
+holds; the last line says.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def judge(stacks_csv: Path, truth: dict[str, dict]) -> bool:
     """Print one line per held-out stack; True when every condition is right and every infected onset is
     within ONSET_TOLERANCE_H."""
     ok_all = True
-    print(f"{'stack':<10} {'true':<11} {'pred':<11} {'p_inf':>6} {'onset':>6} {'est':>6} {'err_h':>6}  ok")
+    print(f"{'stack':<10} {'true':<11} {'pred':<11} {'p_inf':>6} {'onset':>6} {'est':>6} {'err_h':>6} {'slope':>6}  ok")
     for row in csv.DictReader(stacks_csv.open()):
         t = truth[row["stack_id"]]
         cond_ok = row["pred_condition"] == t["condition"]
@@ -77,7 +79,8 @@ def judge(stacks_csv: Path, truth: dict[str, dict]) -> bool:
         ok = cond_ok and onset_ok
         ok_all &= ok
         print(f"{row['stack_id']:<10} {t['condition']:<11} {row['pred_condition']:<11} "
-              f"{float(row['prob_infected']):>6.3f} {onset:>6} {est:>6} {err:>6}  {'yes' if ok else 'NO'}")
+              f"{float(row['prob_infected']):>6.3f} {onset:>6} {est:>6} {err:>6} {row.get('onset_fit_slope', ''):>6}  "
+              f"{'yes' if ok else 'NO'}")
     return ok_all
 
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cellmtl.inference import stack_summary
+from cellmtl.inference import stack_summary, theil_sen_slope
 
 
 def rows_for(stack_id, onset, n=12, prob=0.9, noise=0.0, seed=0, outlier=False):
@@ -33,3 +33,19 @@ def test_onset_median_resists_outliers_and_mock_has_none():
     (m,) = stack_summary(mock)
     assert m["pred_condition"] == "uninfected" and m["est_onset_hour"] == ""
     assert m["prob_infected"] == pytest.approx(0.1) and m["n_frames"] == 12
+
+
+def test_onset_fit_slope_flags_a_time_head_that_ignores_the_clock():
+    (good,) = stack_summary(rows_for("a", 2.0, outlier=True))
+    assert good["onset_fit_slope"] == pytest.approx(1.0)
+    flat = [dict(r, pred_time_hours=12.0) for r in rows_for("b", 2.0)]  # one time for every frame
+    (bad,) = stack_summary(flat)
+    assert bad["onset_fit_slope"] == pytest.approx(0.0) and bad["est_onset_hour"] != ""
+    mock = [dict(r, prob_infected=0.1) for r in rows_for("m", 0.0)]
+    assert stack_summary(mock)[0]["onset_fit_slope"] == ""
+
+
+def test_theil_sen_slope_by_hand():
+    # 10 pairs: the 6 without the wild last point have slope 2, so the median is 2
+    assert theil_sen_slope([0, 1, 2, 3, 4], [0, 2, 4, 6, 100]) == pytest.approx(2.0)
+    assert theil_sen_slope([1, 1], [0, 5]) is None

@@ -193,10 +193,24 @@ def records_from_paths(paths: Sequence[Path], frame_interval_hours: float) -> li
     return out
 
 
+def theil_sen_slope(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Median of pairwise slopes (dy/dx) over pairs with distinct x: a line fit that a few wild points
+    cannot move. None with fewer than two distinct x."""
+    xa, ya = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    i, j = np.triu_indices(len(xa), k=1)
+    dx = xa[j] - xa[i]
+    keep = dx != 0
+    return float(np.median((ya[j] - ya[i])[keep] / dx[keep])) if keep.any() else None
+
+
 def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
     """One row per stack: mean prob_infected, pred_condition and, for stacks predicted infected,
     `est_onset_hour` = median over its frames predicted infected of `hours_since_start - pred_time_hours`
-    (each such frame votes for when infection began)."""
+    (each such frame votes for when infection began; this is the least-absolute-deviation fit of
+    `pred_time_hours = hours_since_start - onset`, a line of slope 1), and `onset_fit_slope`, the robust
+    (Theil-Sen) slope of `pred_time_hours` against `hours_since_start` over the same frames: near 1 when the
+    time head tracks the clock, so that the estimate means something; near 0 when it predicts one time for
+    every frame, and then `est_onset_hour` merely follows the frames' clock times and must not be trusted."""
     by_stack: dict[str, list[dict]] = {}
     for r in rows:
         by_stack.setdefault(r["stack_id"], []).append(r)
@@ -207,13 +221,15 @@ def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
         mean = float(np.mean(probs)) if probs else None
         row["prob_infected"] = "" if mean is None else round(mean, 6)
         row["pred_condition"] = "" if mean is None else ("infected" if mean >= threshold else "uninfected")
-        onset = ""
+        onset, slope = "", ""
         if mean is not None and mean >= threshold and frames[0]["pred_time_hours"] != "":
-            votes = [
-                f["hours_since_start"] - f["pred_time_hours"] for f in frames if float(f["prob_infected"]) >= threshold
-            ]
+            voters = [f for f in frames if float(f["prob_infected"]) >= threshold]
+            votes = [f["hours_since_start"] - f["pred_time_hours"] for f in voters]
             onset = round(float(np.median(votes)), 3) if votes else ""
+            fit = theil_sen_slope([f["hours_since_start"] for f in voters], [f["pred_time_hours"] for f in voters])
+            slope = "" if fit is None else round(fit, 3)
         row["est_onset_hour"] = onset
+        row["onset_fit_slope"] = slope
         row["condition"] = frames[0].get("condition", "")
         out.append(row)
     return out
