@@ -89,7 +89,7 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     assert len(times) == 3 and times == sorted(times, reverse=True)
     report = (run / "report.html").read_text()
     assert "Evaluation: test" in report and "Training results" in report
-    assert report.count("data:image/png;base64,") == len(list((run / "plots").rglob("*.png")))
+    assert report.count("data:image/png;base64,") == len(list(run.glob("*.png")) + list(run.rglob("plots/**/*.png")))
 
     pred_csv = tmp_path / "pred.csv"
     cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(tiny_experiment),

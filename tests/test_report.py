@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from cellmtl.report import render_report, write_report  # noqa: E402
+from cellmtl.report import render_report, run_pngs, write_report  # noqa: E402
 from cellmtl.reporting import plot_time_bins, write_run_plots  # noqa: E402
 
 # Recorded into the DOM on `load`, when every <img> has decoded or failed; --dump-dom prints the result.
@@ -69,6 +69,7 @@ def fake_run(run: Path) -> Path:
     history = [{"epoch": e, "train_total_loss": 1.0 / e, "val_total_loss": 1.2 / e, "val_cls_auc": 0.5 + 0.1 * e,
                 "val_reg_mae": 5.0 - e} for e in (1, 2, 3)]
     write_run_plots(run, history, arrays)
+    shutil.copy(run / "plots" / "learning_curves.png", run / "errors_val.png")  # evaluate writes PNGs here too
     bins = [{"hour_start": 0.0, "hour_end": 3.0, "n": 10, "cls_auc": 0.8, "cls_acc": 0.7, "reg_mae": 2.0,
              "reg_mae_infected": 1.5, "reg_mae_uninfected": 2.5},
             {"hour_start": 3.0, "hour_end": 6.0, "n": 10, "cls_auc": 1.0, "cls_acc": 0.9, "reg_mae": 1.0,
@@ -85,11 +86,12 @@ def fake_run(run: Path) -> Path:
 def test_report_is_self_contained_and_complete(tmp_path):
     run = fake_run(tmp_path / "run")
     page = render_report(run)
-    n_png = len(list((run / "plots").rglob("*.png")))
+    n_png = len(run_pngs(run))
     assert n_png >= 4 and page.count('<img src="data:image/png;base64,') == n_png
     assert not re.search(r'(src|href)="(?!data:)', page), "the page must not load anything from elsewhere"
     assert "demo &lt;&amp;&gt;" in page and "<&>" not in page.split("<style>")[0]  # escaped
-    for text in ("Configuration", "Training results", "Evaluation: val", "0.7", "Per stack", "s1", "best epoch 2"):
+    for text in ("Configuration", "Training results", "Evaluation: val", "0.7", "Per stack", "s1", "best epoch 2",
+                 "errors_val.png"):
         assert text in page, text
 
 
@@ -100,7 +102,7 @@ def test_report_renders_in_chromium_with_every_image(tmp_path):
     moved.parent.mkdir()
     shutil.move(report, moved)
     loaded = images_loaded(moved, tmp_path)
-    assert len(loaded) == len(list((run / "plots").rglob("*.png"))) and all(loaded), loaded
+    assert len(loaded) == len(run_pngs(run)) and all(loaded), loaded
 
 
 def test_report_of_an_empty_folder_still_renders(tmp_path):

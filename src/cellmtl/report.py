@@ -1,9 +1,9 @@
 """`report.html`: one self-contained page per run folder, written by `train` and refreshed by `evaluate`.
 
 Everything comes from the files already in the run folder (config.yaml, results.json, evaluation_<split>.json,
-plots/**/*.png), so the report can be rebuilt at any time and never disagrees with them. Plots are embedded as
-base64 data URIs and there is no script, stylesheet or font from elsewhere: the page opens from disk with no
-server and survives being moved, zipped or emailed.
+plots/**/*.png and PNGs beside them), so the report can be rebuilt at any time and never disagrees with them.
+Plots are embedded as base64 data URIs and there is no script, stylesheet or font from elsewhere: the page opens
+from disk with no server and survives being moved, zipped or emailed.
 """
 
 from __future__ import annotations
@@ -122,15 +122,21 @@ def evaluation_section(ev: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def run_pngs(run_dir: Path) -> list[Path]:
+    """Every plot of a run: PNGs in the run folder itself and anywhere under plots/."""
+    under = sorted((run_dir / "plots").rglob("*.png")) if (run_dir / "plots").is_dir() else []
+    return sorted(run_dir.glob("*.png")) + under
+
+
 def plots_section(run_dir: Path) -> str:
-    """Every PNG under plots/, grouped by folder, embedded."""
-    pngs = sorted((run_dir / "plots").rglob("*.png")) if (run_dir / "plots").is_dir() else []
+    """Every plot of the run, grouped by folder, embedded."""
+    pngs = run_pngs(run_dir)
     out, group = ["<h2>Plots</h2>"], None
     for png in pngs:
         rel = png.relative_to(run_dir)
         if rel.parent != group:
             group = rel.parent
-            out.append(f"<h3>{html.escape(str(group))}</h3>")
+            out.append(f"<h3>{html.escape(str(group) if str(group) != '.' else 'run folder')}</h3>")
         out.append(f'<figure><img src="{data_uri(png)}" alt="{html.escape(png.stem)}">'
                    f"<figcaption>{html.escape(str(rel))}</figcaption></figure>")
     if not pngs:
