@@ -66,6 +66,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    from cellmtl.config import load_config
+    from cellmtl.cv import run_cv
+
+    if args.config is None and args.resume is None:
+        raise BadInputError("cv needs --config CFG --folds K (or --resume CV_DIR)")
+    if args.resume is not None and (args.config is not None or args.overrides):
+        raise BadInputError("cv --resume CV_DIR uses that cross-validation's own config; drop --config/--set")
+    cfg = None if args.resume is not None else load_config(args.config, args.overrides)
+    print(run_cv(cfg, folds=args.folds, seeds=args.seeds, resume=args.resume))
+    return 0
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
     from cellmtl.config import load_config
     from cellmtl.data.check import check_data
@@ -136,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, required=False)
     p.add_argument("--resume", type=Path, help="run folder or checkpoint to continue (same folder)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("cv", help="grouped, stratified k-fold cross-validation; prints the cv folder")
+    _add_config_args(p, required=False)
+    p.add_argument("--folds", type=int, help="number of folds K (whole groups per fold, both classes in each)")
+    p.add_argument("--seeds", type=int, default=1, help="train each fold with N seeds (config seed, +1, ...)")
+    p.add_argument("--resume", type=Path, help="a cv folder to continue (only folds without results.json train)")
+    p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("evaluate", help="metrics and plots of a trained run on a split")
     p.add_argument("--run", type=Path, required=True, help="run folder")
