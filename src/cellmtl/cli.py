@@ -114,6 +114,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from cellmtl.explain import explain
+
+    if (args.manifest is None) == (not args.paths):
+        raise BadInputError("explain needs either --manifest CSV or image paths, not both")
+    out = explain(
+        args.checkpoint,
+        out=args.out,
+        manifest=args.manifest,
+        paths=args.paths,
+        frames=args.frames,
+        device=args.device,
+        batch_size=args.batch_size,
+        frame_interval_hours=args.frame_interval_hours,
+    )
+    print(out)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from cellmtl.export import export
 
@@ -175,6 +194,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-interval-hours", type=float, default=None,
                    help="for PATH inputs: hours between frames (default: the training config's)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM heat maps per stack: PNG montages and index.html")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--manifest", type=Path, help="manifest CSV of the stacks (condition optional)")
+    p.add_argument("paths", nargs="*", type=Path, help="stack files or folders (instead of --manifest)")
+    p.add_argument("--out", type=Path, required=True, help="folder for <stack_id>.png montages and index.html")
+    p.add_argument("--frames", type=int, nargs="+", metavar="N",
+                   help="explain these frame numbers of every stack (default: each stack's most confident, "
+                   "least confident and most wrong frames)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--frame-interval-hours", type=float, default=None,
+                   help="for PATH inputs: hours between frames (default: the training config's)")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="export a checkpoint for other tools (ONNX, bioimage.io)")
     p.add_argument("--checkpoint", type=Path, required=True)

@@ -1,0 +1,230 @@
+"""`cellmtl explain`: Grad-CAM heat maps of where the model looks, per stack, as PNG montages + index.html.
+
+Grad-CAM (Selvaraju et al., 2017): the last shared block's activations `A [K, h, w]`, weighted by the
+spatial mean of the gradient of one output with respect to them, summed over `K`, ReLU, upsampled to the
+input and scaled to [0, 1]. The last shared block (`backbone.layer4` of every torchvision ResNet) is the
+last place both heads read from, so the classification and time maps are comparable. Its resolution is
+the input side / 32 (4 x 4 at 128 px): a coarse map, which says which region, not which pixel.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cellmtl.errors import BadInputError
+from cellmtl.models import MultiTaskResNet
+from cellmtl.review import composite
+
+
+def target_layer(model: MultiTaskResNet) -> nn.Module:
+    """The last shared block: `backbone.layer4` of the torchvision ResNets in `models.RESNETS`."""
+    layer = getattr(model.backbone, "layer4", None)
+    if not isinstance(layer, nn.Module):
+        raise BadInputError(f"explain: model {model.spec.name!r} has no backbone.layer4 to explain")
+    return layer
+
+
+def grad_cam(model: MultiTaskResNet, x: torch.Tensor, head: str, sign: torch.Tensor | None = None) -> torch.Tensor:
+    """x `[B, C, H, W]` float32 -> heat maps `[B, H, W]` float32 in [0, 1] for output `head` ("infected"
+    logit or "time"), each map scaled by its own maximum (all zeros when nothing supports the output).
+    `sign` `[B]` (+1/-1) flips the output per sample, e.g. to explain the evidence for "uninfected"."""
+    layer = target_layer(model)
+    store: dict[str, torch.Tensor] = {}
+
+    def keep(_module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+        store["act"] = out
+        out.register_hook(lambda grad: store.__setitem__("grad", grad))
+
+    handle = layer.register_forward_hook(keep)
+    model.eval()  # BatchNorm in eval mode: samples are independent, so one backward gives per-sample maps
+    try:
+        with torch.enable_grad():
+            out = model(x)[head].float()
+            if sign is not None:
+                out = out * sign.to(out)
+            out.sum().backward()
+    finally:
+        handle.remove()
+        model.zero_grad(set_to_none=True)
+    act, grad = store["act"].detach().float(), store["grad"].detach().float()
+    cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    peak = cam.amax(dim=(1, 2), keepdim=True)
+    return torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam)).clamp(0.0, 1.0)
+
+
+def pick_frames(
+    prob: np.ndarray | None, infected: np.ndarray, time_err: np.ndarray | None, threshold: float = 0.5
+) -> dict[int, list[str]]:
+    """Positions (within one stack's frames) -> roles. With a classifier: most confident and least
+    confident (|prob - threshold| largest and smallest) and, where labels are known, most wrong
+    (|prob - label| largest). Without one: first, middle and last frame and, where time targets are known,
+    the largest time error."""
+    roles: dict[int, list[str]] = {}
+    n = len(infected)
+    if prob is not None:
+        margin = np.abs(prob - threshold)
+        roles.setdefault(int(np.argmax(margin)), []).append("most confident")
+        roles.setdefault(int(np.argmin(margin)), []).append("least confident")
+        known = np.flatnonzero(infected >= 0)
+        if len(known):
+            roles.setdefault(int(known[np.argmax(np.abs(prob[known] - infected[known]))]), []).append("most wrong")
+    else:
+        for pos, role in ((0, "first"), (n // 2, "middle"), (n - 1, "last")):
+            roles.setdefault(pos, []).append(role)
+        if time_err is not None and np.isfinite(time_err).any():
+            roles.setdefault(int(np.nanargmax(time_err)), []).append("largest time error")
+    return dict(sorted(roles.items()))
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "stack"
+
+
+def plot_montage(
+    rows: Sequence[dict], path: Path, heads: Sequence[str]
+) -> Path:
+    """One row per frame: the input channels, then each head's heat map over them."""
+    from cellmtl.reporting import _new_figure, _save
+
+    titles = {"infected": "Grad-CAM: infection", "time": "Grad-CAM: time"}
+    ncols = 1 + len(heads)
+    fig = _new_figure(2.6 * ncols, 2.7 * len(rows))
+    for r, row in enumerate(rows):
+        rgb = composite(row["image"])
+        for c in range(ncols):
+            ax = fig.add_subplot(len(rows), ncols, r * ncols + c + 1)
+            ax.set_xticks([]), ax.set_yticks([])
+            ax.imshow(rgb, interpolation="nearest")
+            if c == 0:
+                ax.set_title(row["caption"], fontsize=7, loc="left")
+            else:
+                ax.imshow(row["cams"][heads[c - 1]], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0,
+                          interpolation="bilinear")
+                ax.set_title(titles[heads[c - 1]], fontsize=8)
+    return _save(fig, path)
+
+
+def caption(sid: str, frame: int, hours: float, roles: list[str], prob: float | None, t_pred: float | None,
+            label: int, t_true: float) -> str:
+    parts = [f"{sid} frame {frame} ({hours:g} h): {', '.join(roles)}"]
+    pred = []
+    if prob is not None:
+        pred.append(f"p(inf)={prob:.2f}")
+    if t_pred is not None:
+        pred.append(f"time {t_pred:.1f} h")
+    truth = [] if label < 0 else ["infected" if label == 1 else "uninfected"]
+    if np.isfinite(t_true):
+        truth.append(f"{t_true:g} h")
+    parts.append("pred " + ", ".join(pred))
+    if truth:
+        parts.append("true " + ", ".join(truth))
+    return "\n".join(parts)
+
+
+def write_index(out: Path, entries: Sequence[dict]) -> Path:
+    """index.html: one section per stack with its montage and the frames shown."""
+    parts = ["<!doctype html><meta charset='utf-8'><title>cellmtl explain</title>",
+             "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}td,th{padding:2px 8px}</style>",
+             "<h1>cellmtl explain: Grad-CAM on the last shared block</h1>",
+             "<p>Red = regions that raise the output (infection: evidence for the predicted class; time: "
+             "evidence for a later time). Each map is scaled to its own maximum.</p><ul>"]
+    parts += [f"<li><a href='#{html.escape(e['anchor'])}'>{html.escape(e['stack_id'])}</a></li>" for e in entries]
+    parts.append("</ul>")
+    for e in entries:
+        parts.append(f"<h2 id='{html.escape(e['anchor'])}'>{html.escape(e['stack_id'])}</h2>")
+        parts.append("<table><tr><th>frame</th><th>hours</th><th>shown as</th></tr>")
+        parts += [f"<tr><td>{f}</td><td>{h:g}</td><td>{html.escape(', '.join(r))}</td></tr>"
+                  for f, h, r in e["frames"]]
+        parts.append(f"</table><img src='{html.escape(e['png'])}' alt='{html.escape(e['stack_id'])}'>")
+    path = out / "index.html"
+    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return path
+
+
+def explain(
+    checkpoint: str | Path,
+    *,
+    out: str | Path,
+    manifest: str | Path | None = None,
+    paths: Sequence[Path] = (),
+    frames: Sequence[int] | None = None,
+    device: str = "auto",
+    batch_size: int = 32,
+    frame_interval_hours: float | None = None,
+    progress: bool = True,
+) -> Path:
+    """Montages `<out>/<stack_id>.png` and `<out>/index.html`; returns the index path. `frames`: these
+    frame numbers of every stack instead of the default picks (see `pick_frames`)."""
+    from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint, model_from_checkpoint
+    from cellmtl.config import FrameSelection
+    from cellmtl.data.dataset import SampleIndex, probe_records, stack_index
+    from cellmtl.data.manifest import load_manifest
+    from cellmtl.inference import make_loader, records_from_paths, run_model
+    from cellmtl.training import pick_device
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_checkpoint(ckpt)
+    interval = frame_interval_hours or cfg.data.frame_interval_hours
+    if manifest is not None:
+        records = load_manifest(manifest, default_interval=interval,
+                                default_onset=cfg.multitask.infection_onset_hour, labelled=False)
+    else:
+        records = records_from_paths(list(paths), interval)
+    infos = probe_records(records, list(ckpt["channels"]), what="the model's input channels")
+    every = FrameSelection()
+    index = SampleIndex.concat([stack_index(r, i, k, every, "keep") for k, (r, i) in enumerate(zip(records, infos,
+                                                                                                     strict=True))])
+    if frames is not None:
+        bad = [f for f in frames if f < 0 or not (index.frame == f).any()]
+        if bad:
+            raise BadInputError(f"explain --frames: frame {bad[0]} is in none of the stacks")
+    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], index)
+    dev = pick_device(device)
+    model = model_from_checkpoint(ckpt).to(dev)
+    preds = run_model(model, make_loader(ds, batch_size=batch_size, num_workers=0, device=dev), dev,
+                      progress=progress, desc="explain")
+    heads = [h for h, p in (("infected", preds.prob), ("time", preds.time_pred)) if p is not None]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for k, rec in enumerate(records):
+        pos = np.flatnonzero(index.stack == k)
+        if frames is not None:
+            chosen = {int(p): ["chosen"] for p in pos if int(index.frame[p]) in set(frames)}
+        else:
+            t_err = None if preds.time_pred is None else np.abs(preds.time_pred[pos] - index.time_target[pos])
+            picks = pick_frames(None if preds.prob is None else preds.prob[pos], index.infected[pos], t_err)
+            chosen = {int(pos[p]): roles for p, roles in picks.items()}
+        if not chosen:
+            continue
+        sel = list(chosen)
+        x = torch.stack([ds.load_image(i) for i in sel]).to(dev)
+        cams = {}
+        for head in heads:
+            sign = None
+            if head == "infected":
+                sign = torch.from_numpy(np.where(preds.prob[sel] >= 0.5, 1.0, -1.0))  # type: ignore[index]
+            cams[head] = grad_cam(model, x, head, sign).cpu().numpy()
+        rows = []
+        for j, i in enumerate(sel):
+            rows.append({
+                "image": x[j].cpu().numpy(),
+                "cams": {h: cams[h][j] for h in heads},
+                "caption": caption(rec.stack_id, int(index.frame[i]), float(index.hours[i]), chosen[i],
+                                   None if preds.prob is None else float(preds.prob[i]),
+                                   None if preds.time_pred is None else float(preds.time_pred[i]),
+                                   int(index.infected[i]), float(index.time_target[i])),
+            })
+        png = plot_montage(rows, out / f"{_safe(rec.stack_id)}.png", heads)
+        entries.append({"stack_id": rec.stack_id, "anchor": _safe(rec.stack_id), "png": png.name,
+                        "frames": [(int(index.frame[i]), float(index.hours[i]), chosen[i]) for i in sel]})
+    return write_index(out, entries)
