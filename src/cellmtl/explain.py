@@ -183,6 +183,12 @@ def explain(
     every = FrameSelection()
     index = SampleIndex.concat([stack_index(r, i, k, every, "keep") for k, (r, i) in enumerate(zip(records, infos,
                                                                                                      strict=True))])
+    if cfg.data.pre_onset != "keep":
+        # Every frame is shown, but a pre-onset frame of an infected stack is not "wrong" for looking
+        # uninfected when the model was trained without such frames (drop) or as uninfected.
+        pre = (index.infected == 1) & (index.time_target < 0)
+        index.infected[pre] = -1 if cfg.data.pre_onset == "drop" else 0
+        index.time_target[pre] = np.nan if cfg.data.pre_onset == "drop" else index.hours[pre]
     if frames is not None:
         bad = [f for f in frames if f < 0 or not (index.frame == f).any()]
         if bad:
