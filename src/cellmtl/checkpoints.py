@@ -79,10 +79,17 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiTaskResNet:
 
 
 def checkpoint_dataset(
-    ckpt: dict[str, Any], infos: Sequence[StackInfo], stack_ids: Sequence[str], index: SampleIndex
+    ckpt: dict[str, Any],
+    infos: Sequence[StackInfo],
+    stack_ids: Sequence[str],
+    index: SampleIndex,
+    intervals: Sequence[float] | None = None,
 ) -> TimeCourseDataset:
-    """Frames prepared exactly as the checkpoint's model saw them in training: its channels, image size
-    and normalisation; no augmentation."""
+    """Frames prepared exactly as the checkpoint's model saw them in training: its channels, image size,
+    normalisation and temporal context (which needs each stack's frame interval, hours); no augmentation."""
+    context = ckpt.get("temporal_context_hours")
+    if context and intervals is None:
+        raise ValueError("this checkpoint stacks a temporal context; pass the stacks' frame intervals")
     return TimeCourseDataset(
         infos,
         stack_ids,
@@ -90,6 +97,8 @@ def checkpoint_dataset(
         channels=ckpt["channels"],
         image_size=int(ckpt["image_size"]),
         normalizer=Normalizer.from_dict(ckpt["normalizer"]),
+        context_hours=context,
+        intervals=intervals,
     )
 
 

@@ -93,6 +93,9 @@ class DataConfig(_Strict):
     channels: list[int] | None = None
     image_size: int = Field(128, ge=16, le=2048)
     pre_onset: Literal["drop", "keep", "as_uninfected"] = "drop"
+    temporal_context_hours: list[float] | None = Field(
+        None, description="frames at these hour offsets (e.g. [-6, -3, 0]) stacked as channels, clamped to the stack"
+    )
     num_workers: int = Field(2, ge=0)
     balance: Literal["none", "sampler", "weights"] = Field(
         "none",
@@ -111,6 +114,13 @@ class DataConfig(_Strict):
                 raise ValueError("channels must be null (all) or a non-empty list of channel indices")
             if any(c < 0 for c in v) or len(set(v)) != len(v):
                 raise ValueError(f"channels must be distinct non-negative indices, got {v}")
+        return v
+
+    @field_validator("temporal_context_hours")
+    @classmethod
+    def _context(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"temporal_context_hours must be null or distinct hour offsets, e.g. [-6, -3, 0], got {v}")
         return v
 
     @model_validator(mode="after")
@@ -146,6 +156,22 @@ class MultitaskConfig(_Strict):
     time_scale_hours: float | None = Field(
         None, gt=0.0, description="time targets are divided by this before SmoothL1; null = training-split std"
     )
+    time_head: Literal["shared", "per_class", "conditioned"] = Field(
+        "shared", description="shared: one time output; per_class: one per class (loss on the true class's, "
+        "prediction from the predicted class's); conditioned: the time head also sees the (detached) logit"
+    )
+    uninfected_time: Literal["elapsed", "zero", "ignore"] = Field(
+        "elapsed", description="time target of uninfected frames: hours since start, 0, or no time loss"
+    )
+    regression_loss: Literal["smooth_l1", "l1", "mse", "gaussian_nll"] = Field(
+        "smooth_l1", description="gaussian_nll: the head also predicts a log-variance (pred_time_std)"
+    )
+    weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm"] = Field(
+        "fixed", description="fixed: classification_weight/regression_weight; uncertainty (Kendall 2018), "
+        "dwa (Liu 2019), gradnorm (Chen 2018) adapt the weights during training"
+    )
+    dwa_temperature: float = Field(2.0, gt=0.0, description="DWA softmax temperature")
+    gradnorm_alpha: float = Field(1.5, ge=0.0, description="GradNorm restoring-force strength")
 
 
 class TrainingConfig(_Strict):
@@ -196,6 +222,16 @@ class Config(_Strict):
         if not v or "/" in v or "\\" in v or v in (".", ".."):
             raise ValueError(f"experiment_name must be a plain folder name, got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _multitask_only(self) -> Config:
+        m = self.multitask
+        if self.task.mode != "multitask":
+            if m.weighting != "fixed":
+                raise ValueError(f"multitask.weighting {m.weighting!r} needs task.mode multitask (two losses)")
+            if m.time_head != "shared":
+                raise ValueError(f"multitask.time_head {m.time_head!r} needs task.mode multitask (a classifier)")
+        return self
 
     @model_validator(mode="after")
     def _select_metric(self) -> Config:

@@ -19,7 +19,7 @@ from cellmtl.checkpoints import (
 from cellmtl.data.dataset import load_experiment
 from cellmtl.errors import BadInputError
 from cellmtl.inference import make_loader, prediction_arrays, prediction_rows, run_model, write_csv
-from cellmtl.losses import MultiTaskLoss
+from cellmtl.losses import loss_from_config
 from cellmtl.report import write_report
 from cellmtl.reporting import plot_time_bins, write_run_plots
 from cellmtl.review import write_error_review
@@ -35,6 +35,7 @@ LOG_KEYS = (
     "reg_rmse",
     "reg_mae_infected",
     "reg_mae_uninfected",
+    "reg_coverage90",
 )
 
 
@@ -58,13 +59,14 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     exp = load_experiment(cfg, splits=ckpt["splits"])
     if not exp.split_records(split):
         raise BadInputError(f"run {run} has no {split} split")
-    index = exp.index(split, getattr(cfg.data.frames, split), cfg.data.pre_onset)
-    ds = checkpoint_dataset(ckpt, exp.infos, [r.stack_id for r in exp.records], index)
+    index = exp.index(split, getattr(cfg.data.frames, split), cfg.data.pre_onset, cfg.multitask.uninfected_time)
+    intervals = [r.frame_interval_hours for r in exp.records]
+    ds = checkpoint_dataset(ckpt, exp.infos, [r.stack_id for r in exp.records], index, intervals)
     device = pick_device(cfg.training.device)
     model = model_from_checkpoint(ckpt).to(device)
     loader = make_loader(ds, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers, device=device)
     preds = run_model(model, loader, device, progress=cfg.training.progress, desc=f"evaluate {split}")
-    loss_fn = MultiTaskLoss(cfg.task.mode, cfg.multitask.classification_weight, cfg.multitask.regression_weight)
+    loss_fn = loss_from_config(cfg)
     metrics = score(model.cpu(), loss_fn, index, preds)
     write_csv(prediction_rows(ds, preds, exp.records), run / f"predictions_{split}.csv")
     arrays = prediction_arrays(index, preds)

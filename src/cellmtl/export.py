@@ -69,6 +69,9 @@ def add_metadata(path: Path, ckpt: dict) -> None:
         "cellmtl.channels": json.dumps(ckpt["channels"]),
         "cellmtl.image_size": str(ckpt["image_size"]),
         "cellmtl.task_mode": ckpt["model_spec"]["mode"],
+        "cellmtl.time_head": ckpt["model_spec"].get("time_head", "shared"),
+        # input channels = these frames (hour offsets, oldest first) x the channels above; null = one frame
+        "cellmtl.temporal_context_hours": json.dumps(ckpt.get("temporal_context_hours")),
     }
     for k, v in meta.items():
         entry = proto.metadata_props.add()

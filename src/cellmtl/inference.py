@@ -29,6 +29,8 @@ class Predictions:
     logit: np.ndarray | None
     time_pred: np.ndarray | None  # hours
     time_pred_scaled: np.ndarray | None
+    time_std: np.ndarray | None = None  # hours; gaussian_nll models only
+    extra: dict[str, np.ndarray] | None = None  # other raw outputs (time_per_class, time_logvar, ...), scaled axis
 
     def __len__(self) -> int:
         return self.n
@@ -96,6 +98,7 @@ def run_model(
 ) -> Predictions:
     model.eval()
     logits, times, n = [], [], 0
+    extra: dict[str, list[torch.Tensor]] = {}
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, file=sys.stderr):
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -105,15 +108,23 @@ def run_model(
             logits.append(out["infected"].float().cpu())
         if "time" in out:
             times.append(out["time"].float().cpu())
+        for k in out.keys() - {"infected", "time"}:
+            extra.setdefault(k, []).append(out[k].float().cpu())
         n += x.shape[0]
     logit = torch.cat(logits).numpy() if logits else None
     scaled = torch.cat(times) if times else None
+    raw = {k: torch.cat(v).numpy() for k, v in extra.items()}
+    std = None
+    if "time_logvar" in raw:  # std on the scaled axis times the scale gives hours
+        std = (np.exp(0.5 * np.clip(raw["time_logvar"], -10.0, 10.0)) * float(model.time_scale)).astype(np.float32)
     return Predictions(
         n=n,
         prob=None if logit is None else (1.0 / (1.0 + np.exp(-logit.astype(np.float64)))).astype(np.float32),
         logit=logit,
         time_pred=None if scaled is None else model.time_hours(scaled).numpy(),
         time_pred_scaled=None if scaled is None else scaled.numpy(),
+        time_std=std,
+        extra=raw or None,
     )
 
 
@@ -153,6 +164,8 @@ def prediction_rows(
             else ("infected" if preds.prob[k] >= threshold else "uninfected"),
             "pred_time_hours": "" if preds.time_pred is None else round(float(preds.time_pred[k]), 4),
         }
+        if preds.time_std is not None:
+            row["pred_time_std"] = round(float(preds.time_std[k]), 4)
         row.update(rec.extra)
         label = int(idx.infected[k])
         row["condition"] = "" if label < 0 else ("infected" if label == 1 else "uninfected")
@@ -269,9 +282,11 @@ def predict(
     infos = probe_records(records, channels, what="the model's input channels")
     # Every frame is predicted; pre-onset frames of labelled infected stacks get negative time targets.
     every = FrameSelection()
-    parts = [stack_index(r, i, k, every, "keep") for k, (r, i) in enumerate(zip(records, infos, strict=True))]
+    ut = cfg.multitask.uninfected_time
+    parts = [stack_index(r, i, k, every, "keep", ut) for k, (r, i) in enumerate(zip(records, infos, strict=True))]
     index = SampleIndex.concat(parts)
-    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], index)
+    intervals = [r.frame_interval_hours for r in records]
+    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], index, intervals)
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     loader = make_loader(ds, batch_size=batch_size, num_workers=num_workers, device=dev)

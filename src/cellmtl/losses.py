@@ -1,10 +1,15 @@
-"""The multi-task loss: `classification_weight * BCEWithLogits + regression_weight * SmoothL1`.
+"""The multi-task loss: `classification_weight * BCEWithLogits + regression_weight * <regression loss>`.
 
 The time term is computed on the scaled time axis (hours minus the training mean, divided by the
 training std or `multitask.time_scale_hours`), so SmoothL1's beta of 1 means about one std, and both
 terms start at comparable magnitudes. Samples without a time target are masked out of it.
 `class_weights` (from `data.balance: weights`) weight each frame's BCE term by its class: the mean of
 `w[y] * bce`, so a minority class counts as much in total as the majority.
+
+Regression losses: `smooth_l1` (default), `l1`, `mse`, or `gaussian_nll`, where the head also predicts a
+log-variance and the loss is `0.5 * (logvar + (y - mu)^2 / exp(logvar))` (the Gaussian NLL without its
+constant), so the model can say which frames it is unsure about. With a `per_class` time head the loss uses
+the output of the sample's true class.
 """
 
 from __future__ import annotations
@@ -14,6 +19,47 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cellmtl.config import Config
+
+REGRESSION_LOSSES = ("smooth_l1", "l1", "mse", "gaussian_nll")
+LOGVAR_CLAMP = (-10.0, 10.0)  # keeps exp(-logvar) finite early in training
+
+
+def gaussian_nll(mean: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample `0.5 * (logvar + (target - mean)^2 * exp(-logvar))`, all [B] float32."""
+    logvar = logvar.clamp(*LOGVAR_CLAMP)
+    return 0.5 * (logvar + (target - mean) ** 2 * torch.exp(-logvar))
+
+
+def per_sample_regression(
+    kind: str, pred: torch.Tensor, target: torch.Tensor, logvar: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Unreduced regression loss [B] on the scaled time axis."""
+    if kind == "smooth_l1":
+        return F.smooth_l1_loss(pred, target, reduction="none")
+    if kind == "l1":
+        return F.l1_loss(pred, target, reduction="none")
+    if kind == "mse":
+        return F.mse_loss(pred, target, reduction="none")
+    if kind == "gaussian_nll":
+        if logvar is None:
+            raise ValueError("gaussian_nll needs a log-variance output")
+        return gaussian_nll(pred, logvar, target)
+    raise ValueError(f"regression loss must be one of {REGRESSION_LOSSES}, got {kind!r}")
+
+
+def true_class_time(out: dict[str, torch.Tensor], infected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(time mean, log-variance or None) [B]: the true class's column of a per_class head, else `time`.
+    Unknown labels (-1) fall back to the predicted class's output; they carry no time target anyway."""
+    if "time_per_class" not in out:
+        return out["time"].float(), (out["time_logvar"].float() if "time_logvar" in out else None)
+    known = infected >= 0
+    col = torch.where(known, infected.clamp(min=0), (out["infected"].detach() >= 0).to(infected.dtype))
+    col = col.long().unsqueeze(-1)
+    mean = out["time_per_class"].float().gather(1, col).squeeze(-1)
+    lv = out.get("time_logvar_per_class")
+    return mean, (None if lv is None else lv.float().gather(1, col).squeeze(-1))
+
 
 @dataclass(frozen=True)
 class MultiTaskLoss:
@@ -22,6 +68,7 @@ class MultiTaskLoss:
     regression_weight: float = 1.0
     pos_weight: float | None = None
     class_weights: tuple[float, float] | None = None  # (uninfected, infected) per-frame BCE weights
+    regression_loss: str = "smooth_l1"
 
     def __call__(
         self,
@@ -46,7 +93,8 @@ class MultiTaskLoss:
             # Masked mean without boolean indexing: no host-device sync, no NaN from missing targets.
             mask = has_time.float()
             target = torch.where(has_time, time_scaled.float(), torch.zeros_like(time_scaled, dtype=torch.float32))
-            per = F.smooth_l1_loss(out["time"].float(), target, reduction="none")
+            pred, logvar = true_class_time(out, infected)
+            per = per_sample_regression(self.regression_loss, pred, target, logvar)
             reg = (per * mask).sum() / mask.sum().clamp(min=1.0)
         total = zero
         if self.mode != "regression":
@@ -54,3 +102,11 @@ class MultiTaskLoss:
         if self.mode != "classification":
             total = total + self.regression_weight * reg
         return {"total": total, "cls": cls, "reg": reg}
+
+
+def loss_from_config(
+    cfg: Config, pos_weight: float | None = None, class_weights: tuple[float, float] | None = None
+) -> MultiTaskLoss:
+    m = cfg.multitask
+    return MultiTaskLoss(cfg.task.mode, m.classification_weight, m.regression_weight, pos_weight, class_weights,
+                         m.regression_loss)

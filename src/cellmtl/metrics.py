@@ -207,3 +207,18 @@ def format_metrics(metrics: Mapping[str, object], keys: Sequence[str]) -> str:
             text = str(value)
         parts.append(f"{key}: {text}")
     return " | ".join(parts)
+
+
+Z90 = 1.6448536269514722  # standard normal quantile 0.95: a central 90% interval is mean +/- Z90 * std
+
+
+def interval_coverage(
+    time_true: np.ndarray, time_pred: np.ndarray, time_std: np.ndarray, mask: np.ndarray | None = None
+) -> float | None:
+    """Share of frames whose true time lies in the predicted central 90% Gaussian interval
+    `pred +/- 1.645 * std` (hours). A calibrated model gives about 0.9. None when no frame has a target."""
+    t, p, s = _as_1d(time_true), _as_1d(time_pred), _as_1d(time_std)
+    keep = np.isfinite(t) if mask is None else (_as_1d(mask, dtype=bool) & np.isfinite(t))
+    if not keep.any():
+        return None
+    return float(np.mean(np.abs(t[keep] - p[keep]) <= Z90 * s[keep]))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from cellmtl.config import Config
 from cellmtl.errors import BadInputError
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -31,6 +32,8 @@ class ModelSpec:
     mode: str  # multitask | classification | regression
     dropout: float = 0.2
     head_hidden: int = 256
+    time_head: str = "shared"  # shared | per_class | conditioned (defaults keep older checkpoints loading)
+    time_nll: bool = False  # gaussian_nll: the time head also predicts a log-variance
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,10 +67,20 @@ def make_head(in_features: int, hidden: int, dropout: float, out_features: int =
     )
 
 
+TIME_HEADS = ("shared", "per_class", "conditioned")
+
+
 class MultiTaskResNet(nn.Module):
     """`forward(x [B, C, H, W] float32)` -> `{"infected": logit [B], "time": scaled time [B]}` (only the
     heads of the task mode). `time_hours` maps the scaled output back to hours with buffers stored in the
-    state dict, so a checkpoint alone gives hours."""
+    state dict, so a checkpoint alone gives hours.
+
+    Time head variants (`spec.time_head`): `shared`, one output; `per_class`, one output per class
+    (`time_per_class` [B, 2], column 0 uninfected, 1 infected) of which `time` is the predicted class's,
+    so inference needs no label; `conditioned`, the head also sees the classification logit, detached so
+    the time loss cannot bend the classifier towards what helps regression. With `spec.time_nll` the head
+    also gives `time_logvar` [B] (log-variance on the scaled axis; `time_logvar_per_class` for per_class).
+    """
 
     def __init__(self, spec: ModelSpec, *, pretrained: bool = False) -> None:
         super().__init__()
@@ -87,8 +100,14 @@ class MultiTaskResNet(nn.Module):
         trunk.fc = nn.Identity()
         self.backbone = trunk
         self.cls_head = make_head(n_features, spec.head_hidden, spec.dropout) if spec.mode != "regression" else None
+        if spec.time_head not in TIME_HEADS:
+            raise BadInputError(f"multitask.time_head {spec.time_head!r}: choose one of {', '.join(TIME_HEADS)}")
+        if spec.time_head != "shared" and spec.mode != "multitask":
+            raise BadInputError(f"multitask.time_head {spec.time_head!r} needs task.mode multitask")
+        n_time = (2 if spec.time_head == "per_class" else 1) * (2 if spec.time_nll else 1)
+        n_in = n_features + (1 if spec.time_head == "conditioned" else 0)
         self.time_head = (
-            make_head(n_features, spec.head_hidden, spec.dropout) if spec.mode != "classification" else None
+            make_head(n_in, spec.head_hidden, spec.dropout, n_time) if spec.mode != "classification" else None
         )
         self.register_buffer("time_shift", torch.zeros(()))
         self.register_buffer("time_scale", torch.ones(()))
@@ -109,8 +128,37 @@ class MultiTaskResNet(nn.Module):
         if self.cls_head is not None:
             out["infected"] = self.cls_head(feats).squeeze(-1)
         if self.time_head is not None:
-            out["time"] = self.time_head(feats).squeeze(-1)
+            out.update(self._time_outputs(feats, out.get("infected")))
         return out
+
+    def _time_outputs(self, feats: torch.Tensor, logit: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        spec = self.spec
+        if spec.time_head == "conditioned":
+            assert logit is not None and self.time_head is not None
+            feats = torch.cat([feats, logit.detach().unsqueeze(-1).to(feats.dtype)], dim=-1)
+        raw = self.time_head(feats)  # [B, n_time]: means first, then log-variances
+        k = 2 if spec.time_head == "per_class" else 1
+        mean, logvar = raw[:, :k], (raw[:, k:] if spec.time_nll else None)
+        if spec.time_head != "per_class":
+            out = {"time": mean.squeeze(-1)}
+            if logvar is not None:
+                out["time_logvar"] = logvar.squeeze(-1)
+            return out
+        assert logit is not None
+        pred_cls = (logit.detach() >= 0).long().unsqueeze(-1)  # the predicted class picks the output
+        out = {"time_per_class": mean, "time": mean.gather(1, pred_cls).squeeze(-1)}
+        if logvar is not None:
+            out["time_logvar_per_class"] = logvar
+            out["time_logvar"] = logvar.gather(1, pred_cls).squeeze(-1)
+        return out
+
+
+def spec_from_config(cfg: Config, n_channels: int) -> ModelSpec:
+    """The network a config asks for, on `n_channels` image channels (times the temporal context frames)."""
+    m = cfg.model
+    in_chans = n_channels * len(cfg.data.temporal_context_hours or [0])
+    nll = cfg.multitask.regression_loss == "gaussian_nll"
+    return ModelSpec(m.name, in_chans, cfg.task.mode, m.dropout, m.head_hidden, cfg.multitask.time_head, nll)
 
 
 def build_model(spec: ModelSpec, *, pretrained: bool = False) -> MultiTaskResNet:

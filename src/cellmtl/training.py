@@ -46,11 +46,12 @@ from cellmtl.inference import (
     run_model,
     write_csv,
 )
-from cellmtl.losses import MultiTaskLoss
-from cellmtl.metrics import compute_metrics, format_metrics, metric_direction
-from cellmtl.models import ModelSpec, MultiTaskResNet, build_model
+from cellmtl.losses import MultiTaskLoss, loss_from_config
+from cellmtl.metrics import compute_metrics, format_metrics, interval_coverage, metric_direction
+from cellmtl.models import MultiTaskResNet, build_model, spec_from_config
 from cellmtl.report import write_report
 from cellmtl.reporting import write_run_plots
+from cellmtl.weighting import FixedWeighting, weighting_from_config
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
 
@@ -129,6 +130,7 @@ class Setup:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     logger: logging.Logger
+    weighting: FixedWeighting = field(default_factory=FixedWeighting)  # multitask.weighting's state
     history: list[dict[str, Any]] = field(default_factory=list)
     start_epoch: int = 0
     best_epoch: int = 0
@@ -172,7 +174,7 @@ def split_indices(cfg: Config, exp: Experiment) -> dict[str, SampleIndex | None]
         if split == "test" and not exp.split_records("test"):
             out[split] = None
             continue
-        index = exp.index(split, getattr(d.frames, split), d.pre_onset)
+        index = exp.index(split, getattr(d.frames, split), d.pre_onset, cfg.multitask.uninfected_time)
         if len(index) < (2 if split == "train" else 1):
             raise BadInputError(
                 f"the {split} split has {len(index)} frame(s) left after data.pre_onset and data.frames"
@@ -202,6 +204,8 @@ def datasets(
                 normalizer=normalizer,
                 augment_cfg=d.augment if split == "train" else None,
                 seed=cfg.seed,
+                context_hours=d.temporal_context_hours,
+                intervals=[r.frame_interval_hours for r in exp.records],
             )
         )
     return tuple(out)
@@ -234,7 +238,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     if ckpt is None:
         run_dir = new_run_dir(cfg)
     logger = make_logger(run_dir)
-    spec = ModelSpec(cfg.model.name, len(exp.channels), cfg.task.mode, cfg.model.dropout, cfg.model.head_hidden)
+    spec = spec_from_config(cfg, len(exp.channels))
     model = build_model(spec, pretrained=cfg.model.pretrained and ckpt is None)
     shift, scale = time_scaling(train_index, cfg.multitask.time_scale_hours)
     model.set_time_scaling(shift, scale)
@@ -243,23 +247,21 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         model.to(memory_format=torch.channels_last)
     amp_dtype, needs_scaler = autocast_for(device, cfg.training.amp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    weighting = weighting_from_config(cfg, device)
+    if weighting.parameters():  # uncertainty's log-variances learn with the model, without weight decay
+        optimizer.add_param_group({"params": weighting.parameters(), "weight_decay": 0.0})
     steps_per_epoch = max(1, len(train_ds) // cfg.training.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lr_lambda_factory(steps_per_epoch * cfg.training.epochs, round(steps_per_epoch * cfg.training.warmup_epochs)),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
-    loss_fn = MultiTaskLoss(
-        cfg.task.mode,
-        cfg.multitask.classification_weight,
-        cfg.multitask.regression_weight,
-        resolve_pos_weight(cfg, train_ds.index),
-        class_weights(train_ds.index.infected) if cfg.data.balance == "weights" else None,
-    )
+    balance = class_weights(train_ds.index.infected) if cfg.data.balance == "weights" else None
+    loss_fn = loss_from_config(cfg, resolve_pos_weight(cfg, train_ds.index), balance)
     calib_ds = copy.copy(train_ds)
     calib_ds.augment_cfg = None
     s = Setup(cfg, run_dir, device, exp, train_ds, calib_ds, val_ds, test_ds, normalizer, model, loss_fn, optimizer,
-              scheduler, scaler, amp_dtype, logger)
+              scheduler, scaler, amp_dtype, logger, weighting)
     if ckpt is not None:
         restore(s, ckpt)
     else:
@@ -276,6 +278,8 @@ def restore(s: Setup, ckpt: dict[str, Any]) -> None:
     torch.set_rng_state(ckpt["rng"]["torch"])
     if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    if ckpt.get("weighting"):
+        s.weighting.load_state_dict(ckpt["weighting"])
     s.history = list(ckpt["history"])
     s.start_epoch = int(ckpt["epoch"])
     s.best_epoch = int(ckpt["best_epoch"])
@@ -330,10 +334,12 @@ def checkpoint_dict(s: Setup, epoch: int) -> dict[str, Any]:
         "normalizer": s.normalizer.to_dict(),
         "channels": list(s.exp.channels),
         "image_size": s.cfg.data.image_size,
+        "temporal_context_hours": s.cfg.data.temporal_context_hours,
         "time_shift": float(s.model.time_shift),
         "time_scale": float(s.model.time_scale),
         "run_id": s.run_dir.name,
         "wall_time_s": s.wall_time_s,
+        "weighting": s.weighting.state_dict(),
     }
 
 
@@ -359,6 +365,7 @@ def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
         with autocast_ctx(s.device, s.amp_dtype):
             out = s.model(x)
         losses = s.loss_fn(out, infected, time_scaled, has_time)
+        losses["total"] = s.weighting.combine(losses, s.model)
         if not torch.isfinite(losses["total"]):
             bad += 1
             s.optimizer.zero_grad(set_to_none=True)
@@ -397,12 +404,15 @@ def score(
         out["infected"] = torch.from_numpy(preds.logit)
     if preds.time_pred_scaled is not None:
         out["time"] = torch.from_numpy(preds.time_pred_scaled)
+    out.update({k: torch.from_numpy(v) for k, v in (preds.extra or {}).items()})
     with torch.no_grad():
         hours = torch.from_numpy(np.nan_to_num(index.time_target)).to(model.time_shift.device)
         t_scaled = model.scale_time(hours).cpu()
         losses = loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)), t_scaled, torch.from_numpy(has_time))
     metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
     metrics.update(compute_metrics(**prediction_arrays(index, preds)))
+    if preds.time_std is not None and preds.time_pred is not None:
+        metrics["reg_coverage90"] = interval_coverage(index.time_target, preds.time_pred, preds.time_std)
     return metrics
 
 
@@ -490,7 +500,9 @@ def fit(s: Setup) -> dict[str, Any]:
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         lr = s.optimizer.param_groups[0]["lr"]
+        weights = s.weighting.weights()  # the weights this epoch trained with (gradnorm: at its start)
         train = train_one_epoch(s, train_loader, epoch)
+        s.weighting.end_epoch(train["train_cls_loss"], train["train_reg_loss"])
         recalibrate_batchnorm(s.model, calib_loader, s.device, cfg.training.bn_recalibration_samples, s.amp_dtype)
         val, _ = validate(s, s.val_ds, val_loader)
         log.info("Epoch %d/%d", epoch, cfg.training.epochs)
@@ -498,7 +510,7 @@ def fit(s: Setup) -> dict[str, Any]:
                  train["train_total_loss"], train["train_cls_loss"], train["train_reg_loss"])
         log.info("val: %s", format_metrics(val, [k for k in VAL_LOG_KEYS if k in val]).replace(": ", ":"))
         s.wall_time_s += time.perf_counter() - t0
-        row = {"epoch": epoch, "lr": lr, **train, **{f"val_{k}": v for k, v in val.items()},
+        row = {"epoch": epoch, "lr": lr, **weights, **train, **{f"val_{k}": v for k, v in val.items()},
                "epoch_time_s": round(time.perf_counter() - t0, 3)}
         s.history.append(row)
         improved = is_better(val, best_val_metrics(s) if s.best_epoch else None, metric)

@@ -44,7 +44,12 @@ class SampleIndex:
 
 
 def stack_index(
-    rec: StackRecord, info: StackInfo, stack_no: int, selection: FrameSelection, pre_onset: str
+    rec: StackRecord,
+    info: StackInfo,
+    stack_no: int,
+    selection: FrameSelection,
+    pre_onset: str,
+    uninfected_time: str = "elapsed",
 ) -> SampleIndex:
     """Frames of one stack, with targets (SPEC section 1), after pre-onset policy and frame selection."""
     hours = hours_since_start(info.n_frames, rec.frame_interval_hours, rec.start_hour)
@@ -53,7 +58,7 @@ def stack_index(
         label = np.full(hours.shape, -1, dtype=np.int8)
         keep = np.ones(hours.shape, dtype=bool)
     else:
-        target, label, keep = time_targets(hours, rec.infected, rec.onset_hour, pre_onset)
+        target, label, keep = time_targets(hours, rec.infected, rec.onset_hour, pre_onset, uninfected_time)
     idx = select_frames(
         hours,
         stride=selection.stride,
@@ -108,9 +113,12 @@ class Experiment:
     def split_records(self, split: str) -> list[int]:
         return [i for i, r in enumerate(self.records) if self.splits.get(r.stack_id) == split]
 
-    def index(self, split: str, selection: FrameSelection, pre_onset: str) -> SampleIndex:
+    def index(
+        self, split: str, selection: FrameSelection, pre_onset: str, uninfected_time: str = "elapsed"
+    ) -> SampleIndex:
         parts = [
-            stack_index(self.records[i], self.infos[i], i, selection, pre_onset) for i in self.split_records(split)
+            stack_index(self.records[i], self.infos[i], i, selection, pre_onset, uninfected_time)
+            for i in self.split_records(split)
         ]
         return SampleIndex.concat(parts)
 
@@ -187,6 +195,17 @@ def build_normalizer(cfg: Config, exp: Experiment, train_index: SampleIndex) -> 
     return fit_normalizer(n.mode, n.percentiles, samples)
 
 
+def context_offsets(context_hours: Sequence[float], frame_interval_hours: float) -> list[int]:
+    """Hour offsets -> frame offsets (rounded to the nearest frame), e.g. [-6, -3, 0] h at 1.5 h -> [-4, -2, 0]."""
+    return [int(round(h / frame_interval_hours)) for h in context_hours]
+
+
+def context_frames(frame: int, offsets: Sequence[int], n_frames: int) -> list[int]:
+    """Frame numbers for one sample's temporal context, clamped to the stack (before its first frame the
+    first frame is repeated, after its last the last)."""
+    return [min(max(frame + o, 0), n_frames - 1) for o in offsets]
+
+
 class TimeCourseDataset(Dataset):
     """Per-frame samples: dict with `image` float32 `[C, H, W]`, `infected` (float 0/1, -1 unknown),
     `time_h` (hours, NaN unknown), `has_time`, and metadata `stack_id`, `frame`, `hours_since_start`.
@@ -207,6 +226,8 @@ class TimeCourseDataset(Dataset):
         normalizer: Normalizer,
         augment_cfg: AugmentConfig | None = None,
         seed: int = 0,
+        context_hours: Sequence[float] | None = None,
+        intervals: Sequence[float] | None = None,
     ) -> None:
         self.readers = [StackReader(info) for info in infos]
         self.stack_ids = list(stack_ids)
@@ -216,6 +237,12 @@ class TimeCourseDataset(Dataset):
         self.normalizer = normalizer
         self.augment_cfg = augment_cfg
         self.seed = seed
+        # data.temporal_context_hours as frame offsets per stack (each stack has its own frame interval)
+        self.frame_offsets: list[list[int]] | None = None
+        if context_hours:
+            if intervals is None or len(intervals) != len(infos):
+                raise ValueError("temporal context needs one frame interval per stack")
+            self.frame_offsets = [context_offsets(context_hours, dt) for dt in intervals]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -223,8 +250,15 @@ class TimeCourseDataset(Dataset):
     def load_image(self, i: int) -> torch.Tensor:
         """Read, resize and normalise frame i of the index: float32 `[C, image_size, image_size]`."""
         s, f = int(self.index.stack[i]), int(self.index.frame[i])
-        img = torch.from_numpy(self.readers[s].read(f, self.channels))
-        return self.normalizer(resize(img, self.image_size))
+        if self.frame_offsets is None:
+            img = torch.from_numpy(self.readers[s].read(f, self.channels))
+            return self.normalizer(resize(img, self.image_size))
+        n = self.readers[s].info.n_frames
+        frames = context_frames(f, self.frame_offsets[s], n)
+        # each frame normalised on its own, then stacked: [len(offsets) * C, H, W], oldest offset first
+        parts = [self.normalizer(resize(torch.from_numpy(self.readers[s].read(t, self.channels)), self.image_size))
+                 for t in frames]
+        return torch.cat(parts, dim=0)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         i, epoch = (key, 0) if isinstance(key, int | np.integer) else key

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 PRE_ONSET_POLICIES = ("drop", "keep", "as_uninfected")
+UNINFECTED_TIME = ("elapsed", "zero", "ignore")
 
 
 def hours_since_start(n_frames: int, frame_interval_hours: float, start_hour: float = 0.0) -> np.ndarray:
@@ -20,6 +21,7 @@ def time_targets(
     infected: bool,
     onset_hour: float | None,
     pre_onset: str = "drop",
+    uninfected_time: str = "elapsed",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-frame (time_target hours, infected label, keep mask) for one stack.
 
@@ -27,10 +29,22 @@ def time_targets(
     uninfected stacks: target = hours (hours since experiment start), so mock wells keep a time course.
     Infected frames before onset follow `pre_onset`: `drop` (keep=False), `keep` (negative targets),
     `as_uninfected` (label 0, target = hours since start, as for a mock well).
+    `uninfected_time` then sets the target of every label-0 frame: `elapsed` (hours since start, as
+    above), `zero` (0 h: "no infection yet"), or `ignore` (NaN: no time loss, not in time metrics).
     """
     if pre_onset not in PRE_ONSET_POLICIES:
         raise ValueError(f"pre_onset must be one of {PRE_ONSET_POLICIES}, got {pre_onset!r}")
-    hours = np.asarray(hours, dtype=np.float64)
+    if uninfected_time not in UNINFECTED_TIME:
+        raise ValueError(f"uninfected_time must be one of {UNINFECTED_TIME}, got {uninfected_time!r}")
+    target, label, keep = _elapsed_targets(np.asarray(hours, dtype=np.float64), infected, onset_hour, pre_onset)
+    if uninfected_time != "elapsed":
+        target[label == 0] = 0.0 if uninfected_time == "zero" else np.nan
+    return target, label, keep
+
+
+def _elapsed_targets(
+    hours: np.ndarray, infected: bool, onset_hour: float | None, pre_onset: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     keep = np.ones(hours.shape, dtype=bool)
     if not infected:
         return hours.copy(), np.zeros(hours.shape, dtype=np.int8), keep
