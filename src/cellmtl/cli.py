@@ -79,6 +79,17 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cellmtl.compare import compare
+    from cellmtl.config import load_config
+
+    if args.seeds < 1:
+        raise BadInputError(f"--seeds must be at least 1, got {args.seeds}")
+    cfg = load_config(args.config, args.overrides)
+    print(compare(cfg, args.seeds))
+    return 0
+
+
 def cmd_check_data(args: argparse.Namespace) -> int:
     from cellmtl.config import load_config
     from cellmtl.data.check import check_data
@@ -222,6 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
     p.add_argument("--epochs", type=int, default=None, help="override the demo's epochs")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("compare", help="multitask vs classification-only vs regression-only (and a classical "
+                       "baseline) on one split; prints the folder with comparison.csv/.md")
+    _add_config_args(p)
+    p.add_argument("--seeds", type=int, default=1, help="seeds per mode: config seed, seed+1, ... (paired tests "
+                   "need 2 or more)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("check-data", help="read every stack of a config; report counts, shapes, times, problems")
     _add_config_args(p)

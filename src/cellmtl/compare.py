@@ -1,0 +1,275 @@
+"""`cellmtl compare`: is multi-task learning worth it on *this* data?
+
+Trains `multitask`, `classification`-only and `regression`-only models with each seed on one identical
+split (the first run's, passed to the others as explicit `data.*_stacks` and checked in every
+`splits.csv`), and a `classical` baseline (hand-crafted per-channel intensity and texture features + a
+scikit-learn random forest classifier and regressor) on the same frames, so users see what deep learning
+buys. Writes into the folder it prints last: `comparison.csv` (one row per mode and seed, every metric),
+`comparison.md` (mean ± std per mode, best marked, paired tests across seeds) and `comparison.png`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellmtl.config import CLS_METRICS, REG_METRICS, Config, config_from_dict, config_to_dict
+from cellmtl.errors import TrainingError
+
+MODES = ("multitask", "classification", "regression")
+CLASSICAL = "classical"
+# The columns of comparison.md (validation, at each run's best epoch); comparison.csv has every metric.
+TABLE_METRICS = ("cls_auc", "cls_acc", "cls_f1", "reg_mae", "reg_mae_infected", "reg_mae_uninfected")
+LOWER_BETTER = {"reg_mae", "reg_rmse", "reg_mse", "reg_mae_infected", "reg_mae_uninfected"}
+
+
+def mode_config(cfg: Config, mode: str, seed: int, runs_dir: Path, splits: dict[str, str] | None) -> Config:
+    """`cfg` as a single run of `mode` with `seed`; `splits` (stack_id -> split) pins the stacks.
+
+    Options that only make sense with both heads fall back to their defaults for single-task modes, and a
+    selection metric of the missing head falls back to the mode's default."""
+    raw = config_to_dict(cfg)
+    raw["seed"] = seed
+    raw["output_dir"] = str(runs_dir)
+    raw["experiment_name"] = f"{mode}_seed{seed}"
+    raw["task"]["mode"] = mode
+    if mode != "multitask":
+        raw["multitask"].update(weighting="fixed", time_head="shared")
+        metric = raw["training"]["select_metric"]
+        wrong = CLS_METRICS if mode == "regression" else REG_METRICS
+        if metric in wrong:
+            raw["training"]["select_metric"] = None
+    if splits is not None:
+        for split in ("train", "val", "test"):
+            raw["data"][f"{split}_stacks"] = sorted(s for s, sp in splits.items() if sp == split)
+    return config_from_dict(raw, f"compare ({mode}, seed {seed})")
+
+
+def read_splits(run: Path) -> dict[str, str]:
+    with (run / "splits.csv").open() as fh:
+        return {r["stack_id"]: r["split"] for r in csv.DictReader(fh)}
+
+
+def result_row(mode: str, seed: int, run: Path | None, results: dict[str, Any]) -> dict[str, Any]:
+    """One comparison.csv row: val metrics at the best epoch (`val_*`), and `test_*` where a test split
+    exists."""
+    row: dict[str, Any] = {"mode": mode, "kind": "classical" if mode == CLASSICAL else "deep", "seed": seed,
+                           "run_dir": "" if run is None else str(run)}
+    for split, key in (("val", "best"), ("test", "test")):
+        for k, v in (results.get(key) or {}).items():
+            row[f"{split}_{k}"] = v
+    row["wall_time_s"] = results.get("wall_time_s", "")
+    return row
+
+
+def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None) -> Path:
+    """Train every mode with seeds `cfg.seed .. cfg.seed + seeds - 1`; returns the comparison folder."""
+    from cellmtl.training import train
+
+    folder = out_dir or Path(cfg.output_dir) / cfg.experiment_name / f"compare-{datetime.now():%Y%m%d-%H%M%S-%f}"
+    folder.mkdir(parents=True, exist_ok=True)
+    runs_dir = folder / "runs"
+    rows: list[dict[str, Any]] = []
+    splits: dict[str, str] | None = None
+    for k in range(seeds):
+        seed = cfg.seed + k
+        mt_run: Path | None = None
+        for mode in MODES:
+            run = train(mode_config(cfg, mode, seed, runs_dir, splits))
+            used = read_splits(run)
+            if splits is None:
+                splits = used
+            elif used != splits:  # would make the comparison meaningless: never silently
+                raise TrainingError(f"compare: run {run} used a different split than the first run")
+            if mode == "multitask":
+                mt_run = run
+            rows.append(result_row(mode, seed, run, json.loads((run / "results.json").read_text())))
+            print(f"compare: {mode} seed {seed} done: {run}", file=sys.stderr)
+        assert mt_run is not None
+        rows.append(result_row(CLASSICAL, seed, None, classical_results(mt_run, seed)))
+    write_rows(rows, folder / "comparison.csv")
+    (folder / "comparison.md").write_text(markdown_summary(rows, splits or {}))
+    plot_comparison(rows, folder / "comparison.png")
+    return folder
+
+
+def write_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    from cellmtl.inference import write_csv
+
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    write_csv([{k: ("" if r.get(k) is None else r.get(k, "")) for k in columns} for r in rows], path, columns)
+
+
+# --- the classical baseline -------------------------------------------------------------------------------
+
+def image_features(img: np.ndarray) -> np.ndarray:
+    """Per-channel intensity and texture features of a normalised image `[C, H, W]` float32 -> `[C * 8]`:
+    mean, std, 10/50/90th percentiles, mean gradient magnitude, mean |Laplacian| and the share of pixels
+    brighter than mean + 2 std (spots)."""
+    feats = []
+    for ch in np.asarray(img, dtype=np.float64):
+        gy, gx = np.gradient(ch)
+        lap = -4 * ch[1:-1, 1:-1] + ch[:-2, 1:-1] + ch[2:, 1:-1] + ch[1:-1, :-2] + ch[1:-1, 2:]
+        m, s = ch.mean(), ch.std()
+        p10, p50, p90 = np.percentile(ch, [10, 50, 90])
+        feats += [m, s, p10, p50, p90, np.hypot(gx, gy).mean(), np.abs(lap).mean(), (ch > m + 2 * s).mean()]
+    return np.asarray(feats, dtype=np.float64)
+
+
+def dataset_features(ds) -> np.ndarray:
+    return np.stack([image_features(ds.load_image(i).numpy()) for i in range(len(ds))])
+
+
+def classical_results(mt_run: Path, seed: int) -> dict[str, Any]:
+    """Random forests on hand-crafted features of the same frames (same split, channels, image size and
+    normalisation as the deep run `mt_run`); val (and test) metrics in results.json's layout."""
+    import time
+
+    from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
+
+    from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint
+    from cellmtl.data.dataset import load_experiment
+    from cellmtl.metrics import compute_metrics
+    from cellmtl.training import split_indices
+
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(mt_run / "checkpoints" / "best.pt")
+    run_cfg = config_from_checkpoint(ckpt)
+    exp = load_experiment(run_cfg, splits=ckpt["splits"])
+    indices = split_indices(run_cfg, exp)
+    ids = [r.stack_id for r in exp.records]
+    intervals = [r.frame_interval_hours for r in exp.records]
+    feats, index = {}, {}
+    for split, idx in indices.items():
+        if idx is not None:
+            feats[split] = dataset_features(checkpoint_dataset(ckpt, exp.infos, ids, idx, intervals))
+            index[split] = idx
+    y_cls = index["train"].infected.astype(int)
+    y_t = index["train"].time_target
+    has_t = np.isfinite(y_t)
+    clf = RandomForestClassifier(n_estimators=200, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    clf.fit(feats["train"], y_cls)
+    reg = RandomForestRegressor(n_estimators=200, min_samples_leaf=2, random_state=seed, n_jobs=1)
+    reg.fit(feats["train"][has_t], y_t[has_t])
+    out: dict[str, Any] = {}
+    for split, key in (("val", "best"), ("test", "test")):
+        if split not in feats:
+            continue
+        idx = index[split]
+        prob = clf.predict_proba(feats[split])[:, list(clf.classes_).index(1)] if 1 in clf.classes_ else None
+        out[key] = compute_metrics(
+            infected=idx.infected.astype(np.int64),
+            prob=prob,
+            time_true=idx.time_target,
+            time_pred=reg.predict(feats[split]),
+            time_mask=np.isfinite(idx.time_target),
+        )
+    out["wall_time_s"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+# --- the summary ------------------------------------------------------------------------------------------
+
+def _values(rows: Sequence[dict[str, Any]], mode: str, metric: str) -> list[float]:
+    vals = [r.get(f"val_{metric}") for r in rows if r["mode"] == mode]
+    return [float(v) for v in vals if v is not None and v != "" and math.isfinite(float(v))]
+
+
+def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
+    """Paired comparison of two modes over seeds: mean difference a - b, the paired t-test's two-sided p
+    (scipy, present with scikit-learn) and the sign count. None with fewer than 2 pairs."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    d = np.asarray(a) - np.asarray(b)
+    p = None
+    if np.std(d) > 0:
+        from scipy import stats
+
+        p = float(stats.ttest_rel(a, b).pvalue)
+    return {"mean_diff": float(d.mean()), "p": p, "a_wins": int((d > 0).sum()), "b_wins": int((d < 0).sum()),
+            "n": len(d)}
+
+
+def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str]) -> str:
+    modes = [m for m in (*MODES, CLASSICAL) if any(r["mode"] == m for r in rows)]
+    n_seeds = len({r["seed"] for r in rows})
+    counts = {sp: sum(1 for v in splits.values() if v == sp) for sp in ("train", "val", "test")}
+    lines = [
+        "# Multi-task vs single-task comparison",
+        "",
+        f"{n_seeds} seed(s); one split for every run ({', '.join(f'{k} {v}' for k, v in counts.items())} stacks, "
+        "identical in every run's splits.csv). Validation metrics at each run's best epoch; mean ± std over "
+        "seeds; **bold** = best mode per column (MAE in hours, lower is better). `classical` = hand-crafted "
+        "per-channel intensity/texture features + scikit-learn random forests (not deep learning).",
+        "",
+        "| mode | " + " | ".join(TABLE_METRICS) + " |",
+        "| --- | " + " | ".join("---" for _ in TABLE_METRICS) + " |",
+    ]
+    best: dict[str, str] = {}
+    for metric in TABLE_METRICS:
+        means = {m: float(np.mean(v)) for m in modes if (v := _values(rows, m, metric))}
+        if means:
+            pick = min if metric in LOWER_BETTER else max
+            best[metric] = pick(means, key=means.__getitem__)
+    for m in modes:
+        cells = []
+        for metric in TABLE_METRICS:
+            v = _values(rows, m, metric)
+            if not v:
+                cells.append("–")
+                continue
+            text = f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+            cells.append(f"**{text}**" if best.get(metric) == m else text)
+        label = f"{m} (classical)" if m == CLASSICAL else m
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Paired tests across seeds (multitask minus single-task)", ""]
+    if n_seeds < 2:
+        lines.append("One seed: no paired test (run with `--seeds 3` or more).")
+    else:
+        lines += ["| metric | vs | mean difference | paired t p | multitask better / worse |",
+                  "| --- | --- | --- | --- | --- |"]
+        for metric, other in (("cls_auc", "classification"), ("cls_acc", "classification"),
+                              ("reg_mae", "regression"), ("reg_mae_infected", "regression"),
+                              ("cls_auc", CLASSICAL), ("reg_mae", CLASSICAL)):
+            t = paired_test(_values(rows, "multitask", metric), _values(rows, other, metric))
+            if t is None:
+                continue
+            better, worse = (t["b_wins"], t["a_wins"]) if metric in LOWER_BETTER else (t["a_wins"], t["b_wins"])
+            p = "n/a (no variation)" if t["p"] is None else f"{t['p']:.3g}"
+            lines.append(f"| {metric} | {other} | {t['mean_diff']:+.3f} | {p} | {better} / {worse} of {t['n']} |")
+        lines += ["", "With few seeds a paired test has little power: p > 0.05 means *no evidence*, "
+                  "not *no difference*."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Two panels, val cls_auc and reg_mae per mode: mean bars, one dot per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    modes = [m for m in (*MODES, CLASSICAL) if any(r["mode"] == m for r in rows)]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    for ax, metric, label in zip(fig.subplots(1, 2), ("cls_auc", "reg_mae"), ("val AUC (higher is better)",
+                                                                            "val time MAE, h (lower is better)"),
+                                 strict=True):
+        for x, m in enumerate(modes):
+            v = _values(rows, m, metric)
+            if not v:
+                continue
+            ax.bar(x, np.mean(v), color="0.8" if m == CLASSICAL else "C0", alpha=0.7)
+            ax.plot([x] * len(v), v, "o", color="k", markersize=4)
+        ax.set_xticks(range(len(modes)), modes)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120)
+    return path
