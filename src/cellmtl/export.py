@@ -89,5 +89,12 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
     if fmt == "bioimageio":
         from cellmtl.bioimage_package import export_bioimageio
 
+        if load_checkpoint(checkpoint).get("temporal_context_hours"):
+            # a bioimage.io model takes one image; stacking earlier frames is a step its tools cannot do
+            raise BadInputError(
+                f"checkpoint {checkpoint} stacks frames of data.temporal_context_hours; bioimage.io packages "
+                "take one image, so export it with --format onnx (its metadata lists the offsets)"
+            )
+
         return export_bioimageio(checkpoint, out)
     return export_onnx(checkpoint, out)
