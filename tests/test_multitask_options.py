@@ -160,3 +160,5 @@ def check_predict_evaluate(run, tmp_path, manifest, m):
     assert ("reg_coverage90" in metrics) == (m["regression_loss"] == "gaussian_nll")
     onnx_path = export(run / "checkpoints" / "best.pt", "onnx", tmp_path / "m.onnx")
     assert onnx_path.is_file()
+    with pytest.raises(BadInputError, match="temporal_context_hours"):  # bioimage.io takes one image
+        export(run / "checkpoints" / "best.pt", "bioimageio", tmp_path / "m.zip")
