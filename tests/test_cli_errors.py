@@ -157,7 +157,8 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("cmd", ["synth", "train", "evaluate", "predict", "demo", "check-data", "cv", "explain"])
+@pytest.mark.parametrize("cmd", ["synth", "train", "evaluate", "predict", "demo", "check-data", "cv", "explain",
+                                 "compare"])
 def test_every_command_has_help(capsys, cmd):
     with pytest.raises(SystemExit) as exc:
         main([cmd, "--help"])
