@@ -27,7 +27,7 @@ def test_compare_seeds_1_writes_tables_and_prints_folder_last(capsys, tmp_path, 
     splits = {(Path(r["run_dir"]) / "splits.csv").read_text() for r in rows[:3]}
     assert len(splits) == 1  # the same split in every run
     md = (folder / "comparison.md").read_text()
-    assert "| classical (classical) |" in md and "**" in md and (folder / "comparison.png").is_file()
+    assert "| classical (features + random forests) |" in md and "**" in md and (folder / "comparison.png").is_file()
 
 
 def test_mode_config_keeps_split_and_drops_multitask_only_options(tmp_path, tiny_experiment):

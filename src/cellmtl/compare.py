@@ -228,7 +228,7 @@ def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str]) -> 
                 continue
             text = f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
             cells.append(f"**{text}**" if best.get(metric) == m else text)
-        label = f"{m} (classical)" if m == CLASSICAL else m
+        label = "classical (features + random forests)" if m == CLASSICAL else m
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "## Paired tests across seeds (multitask minus single-task)", ""]
     if n_seeds < 2:
