@@ -6,7 +6,9 @@ scaling) and everything `--resume` needs (optimizer, scheduler, scaler, epoch, R
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,29 +26,58 @@ from cellmtl.models import ModelSpec, MultiTaskResNet
 FORMAT_VERSION = 1
 
 
-def atomic_save(obj: dict[str, Any], path: Path) -> None:
+def previous_path(path: Path) -> Path:
+    """Where `atomic_save` keeps the file it replaced: `last.pt` -> `last.prev.pt`."""
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make renames in `folder` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def atomic_save(obj: dict[str, Any], path: Path, *, keep_previous: bool = True) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path`: a crash at any moment
-    leaves either the old complete file or the new complete file, never a torn one."""
+    leaves either the old complete file or the new complete file, never a torn one.
+
+    With `keep_previous` the file being replaced is first hard-linked to `previous_path(path)`, so `path`
+    exists at every instant and the last good checkpoint survives even if the new one turns out bad
+    (e.g. a disk that lies about fsync). Temp files of saves killed earlier are removed here."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if keep_previous and path.exists():
+            link = Path(tmp + ".prev")
+            try:
+                os.link(path, link)
+                os.replace(link, previous_path(path))
+            except OSError:  # no hard links on this filesystem: a copy is as safe, only slower
+                link.unlink(missing_ok=True)
+                shutil.copy2(path, link)
+                os.replace(link, previous_path(path))
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for leftover in (tmp, tmp + ".prev"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
         raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    _fsync_dir(path.parent)
 
 
 def resolve_checkpoint(path_or_run: str | Path, which: str = "last") -> Path:
@@ -54,15 +85,12 @@ def resolve_checkpoint(path_or_run: str | Path, which: str = "last") -> Path:
     p = Path(path_or_run)
     if p.is_dir():
         p = p / "checkpoints" / f"{which}.pt"
-    if not p.is_file():
+    if not p.is_file() and not previous_path(p).is_file():
         raise BadInputError(f"checkpoint not found: {p}")
     return p
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"checkpoint not found: {path}")
+def _read_checkpoint(path: Path, map_location: str | torch.device) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign files: one clear line
@@ -70,6 +98,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_spec" not in ckpt:
         raise BadInputError(f"checkpoint {path} is not a cellmtl checkpoint")
     return ckpt
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with `weights_only=True`; a missing or unreadable file falls back to the previous one that
+    `atomic_save` kept beside it (with a warning), so one bad write never loses a run."""
+    path = Path(path)
+    prev = previous_path(path)
+    if not path.is_file() and not prev.is_file():
+        raise BadInputError(f"checkpoint not found: {path}")
+    try:
+        if not path.is_file():
+            raise BadInputError(f"checkpoint not found: {path}")
+        return _read_checkpoint(path, map_location)
+    except BadInputError as exc:
+        if not prev.is_file():
+            raise
+        logging.getLogger(__name__).warning("%s; using the previous checkpoint %s", exc, prev)
+        return _read_checkpoint(prev, map_location)
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiTaskResNet:
