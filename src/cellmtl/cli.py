@@ -62,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise BadInputError("train needs --config CFG (or --resume RUN_DIR_OR_CKPT)")
     cfg = None if args.resume is not None else load_config(args.config, args.overrides)
     run_dir = train(cfg, resume=args.resume, overrides=args.overrides)
-    print(run_dir)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
+        print(run_dir)
     return 0
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cellmtl import distributed
 from cellmtl.checkpoints import atomic_save, load_checkpoint, resolve_checkpoint
 from cellmtl.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
 from cellmtl.data.dataset import (
@@ -64,14 +65,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_threads(requested: int | None, num_workers: int) -> int:
+def cpu_threads(requested: int | None, num_workers: int, processes: int = 1) -> int:
     """Threads for PyTorch's CPU ops. By default the cores that DataLoader workers leave free: on small
     machines intra-op threads that compete with the workers (or with each other, on tiny 64-px tensors)
-    make training several times slower, not faster."""
+    make training several times slower, not faster. `processes`: training processes sharing this
+    machine's cores (torchrun's LOCAL_WORLD_SIZE)."""
     if requested is not None:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - num_workers)
+    return max(1, cores // max(processes, 1) - num_workers)
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -88,13 +90,18 @@ def new_run_dir(cfg: Config) -> Path:
     raise RuntimeError(f"could not create a unique run folder in {parent}")
 
 
-def make_logger(run_dir: Path) -> logging.Logger:
-    """A logger of this run only: train.log (appended on resume) and stderr."""
+def make_logger(run_dir: Path, main: bool = True) -> logging.Logger:
+    """A logger of this run only: train.log (appended on resume) and stderr. Under DDP only rank 0
+    (`main`) logs; the other ranks' loggers print errors only."""
     logger = logging.getLogger(f"cellmtl.run.{run_dir.resolve()}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     for h in list(logger.handlers):
         logger.removeHandler(h)
+    if not main:
+        logger.setLevel(logging.ERROR)
+        logger.addHandler(logging.StreamHandler(sys.stderr))
+        return logger
     fh = logging.FileHandler(run_dir / "train.log", mode="a", encoding="utf-8")
     fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     sh = logging.StreamHandler(sys.stderr)
@@ -135,6 +142,8 @@ class Setup:
     start_epoch: int = 0
     best_epoch: int = 0
     wall_time_s: float = 0.0
+    ctx: distributed.DistContext = distributed.SINGLE
+    train_model: torch.nn.Module | None = None  # the DDP wrapper under torchrun; `model` stays unwrapped
 
 
 def time_scaling(index: SampleIndex, fixed_scale: float | None) -> tuple[float, float]:
@@ -225,19 +234,21 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     if cfg is None:
         raise BadInputError("train needs --config (or --resume RUN_DIR_OR_CKPT)")
     torch.manual_seed(cfg.seed)
+    ctx = distributed.init(cfg.training.device)
     exp = load_experiment(cfg, splits=ckpt["splits"] if ckpt else None)
-    device = pick_device(cfg.training.device)
+    device = distributed.device_for(ctx, pick_device(cfg.training.device))
     if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(cfg.training.num_threads, cfg.data.num_workers))
+        procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.enabled else 1
+        torch.set_num_threads(cpu_threads(cfg.training.num_threads, cfg.data.num_workers, procs))
     indices = split_indices(cfg, exp)
     train_index = indices["train"]
     assert train_index is not None  # split_indices guarantees a train split
     normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt else build_normalizer(cfg, exp, train_index)
     train_ds, val_ds, test_ds = datasets(cfg, exp, indices, normalizer)
 
-    if ckpt is None:
-        run_dir = new_run_dir(cfg)
-    logger = make_logger(run_dir)
+    if ckpt is None:  # under DDP rank 0 creates the folder, the others learn its name
+        run_dir = distributed.broadcast(new_run_dir(cfg) if ctx.is_main else None, ctx)
+    logger = make_logger(run_dir, main=ctx.is_main)
     spec = spec_from_config(cfg, len(exp.channels))
     model = build_model(spec, pretrained=cfg.model.pretrained and ckpt is None)
     shift, scale = time_scaling(train_index, cfg.multitask.time_scale_hours)
@@ -250,7 +261,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     weighting = weighting_from_config(cfg, device)
     if weighting.parameters():  # uncertainty's log-variances learn with the model, without weight decay
         optimizer.add_param_group({"params": weighting.parameters(), "weight_decay": 0.0})
-    steps_per_epoch = max(1, len(train_ds) // cfg.training.batch_size)
+    steps_per_epoch = max(1, math.ceil(len(train_ds) / ctx.world_size) // cfg.training.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lr_lambda_factory(steps_per_epoch * cfg.training.epochs, round(steps_per_epoch * cfg.training.warmup_epochs)),
@@ -261,11 +272,12 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     calib_ds = copy.copy(train_ds)
     calib_ds.augment_cfg = None
     s = Setup(cfg, run_dir, device, exp, train_ds, calib_ds, val_ds, test_ds, normalizer, model, loss_fn, optimizer,
-              scheduler, scaler, amp_dtype, logger, weighting)
+              scheduler, scaler, amp_dtype, logger, weighting, ctx=ctx)
     if ckpt is not None:
         restore(s, ckpt)
-    else:
+    elif ctx.is_main:
         write_run_files(s)
+    s.train_model = distributed.wrap(model, ctx, device)  # after restore: DDP broadcasts rank 0's weights
     return s
 
 
@@ -284,6 +296,8 @@ def restore(s: Setup, ckpt: dict[str, Any]) -> None:
     s.start_epoch = int(ckpt["epoch"])
     s.best_epoch = int(ckpt["best_epoch"])
     s.wall_time_s = float(ckpt.get("wall_time_s", 0.0))
+    if not s.ctx.is_main:
+        return
     dump_config(s.cfg, s.run_dir / "config.yaml")  # --set on resume changes the resolved config
     write_metrics_csv(s.history, s.run_dir / "metrics.csv")
     s.logger.info("resumed %s at epoch %d of %d", s.run_dir, s.start_epoch, s.cfg.training.epochs)
@@ -348,41 +362,69 @@ def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
     write_csv(rows, path)
 
 
+def bn_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """BatchNorm running statistics: a forward pass in train mode updates them even when the step is
+    then skipped, so a non-finite input would poison them unless they are restored."""
+    return [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
+
+
+def bad_step(s: Setup, epoch: int, step: int, bad: int, stack_ids: list[str], what: str) -> None:
+    """Log a skipped step; MAX_BAD_STEPS in a row stop the run naming epoch, step and stacks."""
+    stacks = sorted(set(stack_ids))
+    s.logger.warning("non-finite %s at epoch %d step %d (stacks %s); step skipped", what, epoch, step, stacks[:5])
+    if bad >= MAX_BAD_STEPS:
+        raise TrainingError(
+            f"{bad} non-finite {what} values in a row at epoch {epoch}, step {step}; "
+            f"stacks in the last batch: {', '.join(stacks)}"
+        )
+
+
 def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
-    """One pass over the training split. Non-finite losses skip the step; MAX_BAD_STEPS in a row stop
-    the run, naming the epoch, step and stacks."""
+    """One pass over the training split. A non-finite loss (on any rank, under DDP) or non-finite
+    gradients skip the step without touching weights, optimizer state or BatchNorm statistics;
+    MAX_BAD_STEPS in a row stop the run, naming the epoch, step and stacks."""
     s.model.train()
+    net = s.train_model or s.model
     sums = {"total": 0.0, "cls": 0.0, "reg": 0.0}
     n, bad = 0, 0
+    buffers = bn_buffers(s.model)
     memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format
     bar = tqdm(loader, desc=f"epoch {epoch}/{s.cfg.training.epochs}", leave=False,
-               disable=not s.cfg.training.progress, file=sys.stderr)
+               disable=not s.cfg.training.progress or not s.ctx.is_main, file=sys.stderr)
     for step, batch in enumerate(bar):
         x = batch["image"].to(s.device, non_blocking=True).contiguous(memory_format=memory_format)
         infected = batch["infected"].to(s.device, non_blocking=True)
         has_time = batch["has_time"].to(s.device, non_blocking=True)
         time_scaled = s.model.scale_time(batch["time_h"].to(s.device, non_blocking=True))
+        saved = [b.clone() for b in buffers]  # a few KiB: cheap next to a forward pass
         with autocast_ctx(s.device, s.amp_dtype):
-            out = s.model(x)
+            out = net(x)
         losses = s.loss_fn(out, infected, time_scaled, has_time)
         losses["total"] = s.weighting.combine(losses, s.model)
-        if not torch.isfinite(losses["total"]):
+        s.optimizer.zero_grad(set_to_none=True)
+        loss_ok = distributed.all_true(bool(torch.isfinite(losses["total"])), s.ctx, s.device)
+        ok = loss_ok
+        if loss_ok:
+            s.scaler.scale(losses["total"]).backward()
+            distributed.average_grads(s.weighting.parameters(), s.ctx)  # outside the DDP module
+            s.scaler.unscale_(s.optimizer)
+            clip = s.cfg.training.grad_clip_norm
+            params = [p for p in s.model.parameters() if p.grad is not None]
+            norm = (torch.nn.utils.clip_grad_norm_(params, clip) if clip is not None
+                    else torch.nn.utils.get_total_norm([p.grad for p in params]))
+            # With an fp16 GradScaler, inf gradients are routine (the scale is too high) and the scaler
+            # skips the step itself; without one they mean the batch is bad. DDP averaged the gradients,
+            # so every rank sees the same norm and takes the same decision.
+            ok = s.scaler.is_enabled() or bool(torch.isfinite(norm))
+        if not ok:
             bad += 1
             s.optimizer.zero_grad(set_to_none=True)
-            s.logger.warning("non-finite loss at epoch %d step %d (stacks %s); step skipped", epoch, step,
-                             sorted(set(batch["stack_id"]))[:5])
-            if bad >= MAX_BAD_STEPS:
-                raise TrainingError(
-                    f"{bad} non-finite losses in a row at epoch {epoch}, step {step}; "
-                    f"stacks in the last batch: {', '.join(sorted(set(batch['stack_id'])))}"
-                )
+            if saved:
+                torch._foreach_copy_(buffers, saved)
+            bad_step(s, epoch, step, bad, list(batch["stack_id"]), "gradient" if loss_ok else "loss")
             continue
         bad = 0
-        s.optimizer.zero_grad(set_to_none=True)
-        s.scaler.scale(losses["total"]).backward()
-        if s.cfg.training.grad_clip_norm is not None:
-            s.scaler.unscale_(s.optimizer)
-            torch.nn.utils.clip_grad_norm_(s.model.parameters(), s.cfg.training.grad_clip_norm)
         s.scaler.step(s.optimizer)
         s.scaler.update()
         s.scheduler.step()
@@ -391,7 +433,8 @@ def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
             sums[k] += float(losses[k].detach()) * b  # a sync per step; negligible next to the step itself
         n += b
         bar.set_postfix(loss=f"{sums['total'] / n:.4f}")
-    return {f"train_{k}_loss": v / max(n, 1) for k, v in sums.items()}
+    totals = distributed.all_sum([*sums.values(), float(n)], s.ctx, s.device)  # under DDP: every rank's samples
+    return {f"train_{k}_loss": v / max(totals[-1], 1) for k, v in zip(sums, totals, strict=False)}
 
 
 def score(
@@ -485,9 +528,11 @@ def fit(s: Setup) -> dict[str, Any]:
     assert metric is not None  # resolved by Config
     nw = cfg.data.num_workers
     sampler = train_sampler(s)
+    if s.ctx.enabled:
+        sampler = distributed.ShardedSampler(sampler, s.ctx)
     # Full batches only: a last batch of one sample breaks BatchNorm and gives noisy steps.
     train_loader = make_loader(s.train_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
-                               sampler=sampler, drop_last=len(s.train_ds) > cfg.training.batch_size, persistent=True)
+                               sampler=sampler, drop_last=len(sampler) > cfg.training.batch_size, persistent=True)
     val_loader = make_loader(s.val_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device)
     calib_loader = make_loader(s.calib_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
                                drop_last=len(s.calib_ds) > cfg.training.batch_size)
@@ -499,31 +544,68 @@ def fit(s: Setup) -> dict[str, Any]:
             break
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
+        distributed.seed_rank(cfg.seed, epoch, s.ctx)
         lr = s.optimizer.param_groups[0]["lr"]
         weights = s.weighting.weights()  # the weights this epoch trained with (gradnorm: at its start)
         train = train_one_epoch(s, train_loader, epoch)
         s.weighting.end_epoch(train["train_cls_loss"], train["train_reg_loss"])
+        # Under DDP every rank recalibrates on the same frames with the same weights: identical statistics.
         recalibrate_batchnorm(s.model, calib_loader, s.device, cfg.training.bn_recalibration_samples, s.amp_dtype)
-        val, _ = validate(s, s.val_ds, val_loader)
+        val, _ = validate_sharded(s, s.val_ds) if s.ctx.enabled else validate(s, s.val_ds, val_loader)
         log.info("Epoch %d/%d", epoch, cfg.training.epochs)
         log.info("train - total_loss: %.4f | cls_loss: %.4f | reg_loss: %.4f",
                  train["train_total_loss"], train["train_cls_loss"], train["train_reg_loss"])
         log.info("val: %s", format_metrics(val, [k for k in VAL_LOG_KEYS if k in val]).replace(": ", ":"))
         s.wall_time_s += time.perf_counter() - t0
         row = {"epoch": epoch, "lr": lr, **weights, **train, **{f"val_{k}": v for k, v in val.items()},
-               "epoch_time_s": round(time.perf_counter() - t0, 3)}
+               "epoch_time_s": round(time.perf_counter() - t0, 3), "rss_mib": rss_mib()}
         s.history.append(row)
         improved = is_better(val, best_val_metrics(s) if s.best_epoch else None, metric)
-        if improved or not (ckpt_dir / "best.pt").exists():
+        check_finite_weights(s, epoch)
+        if improved or not s.best_epoch:  # the first epoch is kept even when its metric is undefined
             if improved:
                 log.info("✓ New best model! %s=%.4f", metric, val[metric])
             s.best_epoch, stale = epoch, 0
-            atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "best.pt")
+            if s.ctx.is_main:
+                atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "best.pt")
         else:
             stale += 1
-        atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "last.pt")
-        write_metrics_csv(s.history, s.run_dir / "metrics.csv")
+        if s.ctx.is_main:
+            atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "last.pt")
+            write_metrics_csv(s.history, s.run_dir / "metrics.csv")
     return finish(s)
+
+
+def rss_mib() -> float | None:
+    """Resident memory of this process now (MiB; Linux), logged per epoch to show memory stays flat."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+def check_finite_weights(s: Setup, epoch: int) -> None:
+    """Never checkpoint a broken model: non-finite weights or BatchNorm statistics stop the run before
+    best.pt/last.pt are touched, so the last good checkpoint stays the one to resume from."""
+    bad = [name for name, t in [*s.model.named_parameters(), *s.model.named_buffers()]
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise TrainingError(f"non-finite weights after epoch {epoch} ({', '.join(bad[:3])}); not checkpointed, "
+                            f"resume from the last checkpoint with a lower optimizer.lr")
+
+
+def validate_sharded(s: Setup, ds: TimeCourseDataset) -> tuple[dict[str, float | None], Predictions]:
+    """DDP validation over the WHOLE split: each rank predicts a disjoint shard, all predictions are
+    gathered to every rank, and every rank scores the same full set (so all ranks agree on the best epoch
+    and on early stopping). Cheaper than every rank predicting everything; exact, since eval-mode outputs
+    do not depend on which frames share a batch."""
+    positions = distributed.shard_indices(len(ds), s.ctx)
+    loader = make_loader(torch.utils.data.Subset(ds, positions.tolist()), batch_size=s.cfg.training.batch_size,
+                         num_workers=0, device=s.device)
+    preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype)
+    preds = distributed.gather_predictions(preds, positions, len(ds), s.ctx)
+    return score(s.model, s.loss_fn, ds.index, preds), preds
 
 
 def best_val_metrics(s: Setup) -> dict[str, Any]:
@@ -533,7 +615,10 @@ def best_val_metrics(s: Setup) -> dict[str, Any]:
 
 
 def finish(s: Setup) -> dict[str, Any]:
-    """Score val (and test) with best.pt's weights; write predictions, plots and results.json."""
+    """Score val (and test) with best.pt's weights; write predictions, plots and results.json.
+    Under DDP rank 0 alone does this (a single process scoring the whole splits)."""
+    if not s.ctx.is_main:
+        return {}
     best = load_checkpoint(s.run_dir / "checkpoints" / "best.pt", map_location=s.device)
     s.model.load_state_dict(best["model"])
     val, val_preds = validate(s, s.val_ds)
@@ -571,4 +656,5 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         write_report(s.run_dir)
     finally:
         close_logger(s.logger)
+        distributed.shutdown()
     return s.run_dir

@@ -1,0 +1,78 @@
+"""DDP on CPU: two processes under torchrun (gloo) train one run, write one folder, score the whole val set."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from cellmtl.data.dataset import EpochSampler
+from cellmtl.distributed import DistContext, ShardedSampler, shard_indices
+from cellmtl.evaluation import evaluate_run
+
+pytestmark = pytest.mark.slow
+
+
+def test_sharded_sampler_covers_the_epoch_disjointly():
+    base = EpochSampler(11, shuffle=True, seed=3)
+    shards = []
+    for rank in range(3):
+        s = ShardedSampler(base, DistContext(rank, 3, rank))
+        s.set_epoch(5)
+        shards.append(list(s))
+    assert [len(x) for x in shards] == [4, 4, 4]  # equal steps on every rank
+    flat = [i for shard in shards for i, _ in shard]
+    assert sorted(set(flat)) == list(range(11)) and len(flat) == 12  # one wrapped-around repeat
+    assert all(epoch == 5 for shard in shards for _, epoch in shard)
+    base.set_epoch(5)
+    order = [i for i, _ in base]
+    assert [i for i, _ in shards[1]] == order[1::3]  # the same epoch's order, sliced
+    assert sorted(np.concatenate([shard_indices(7, DistContext(r, 2, r)) for r in range(2)])) == list(range(7))
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cellmtl", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_torchrun_two_cpu_processes(tiny_config, tmp_path):
+    proc = torchrun("--config", str(tiny_config), "--set", "training.epochs=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "t").iterdir())
+    assert len(runs) == 1, runs  # rank 1 created nothing
+    run = runs[0]
+    assert proc.stdout.strip().splitlines() == [str(run)]  # one line, from rank 0
+    with (run / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert (run / "train.log").read_text().count("Epoch 2/2") == 1
+
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model
+    # Val metrics gathered over both ranks == one process scoring best.pt on the whole val split.
+    ev = json.loads(evaluate_run(run, checkpoint="best", split="val").read_text())
+    best = rows[ckpt["best_epoch"] - 1]
+    n_val = sum(1 for _ in csv.DictReader((run / "predictions_val.csv").open()))
+    assert ev["n_frames"] == n_val
+    for k, v in ev["metrics"].items():
+        logged = best[f"val_{k}"]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            assert logged in ("", "nan"), k
+        else:
+            assert float(logged) == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+    # Resume under DDP: same folder, one more row.
+    again = torchrun("--resume", str(run), "--set", "training.epochs=3")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert len(list((tmp_path / "outputs" / "t").iterdir())) == 1
+    with (run / "metrics.csv").open() as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
