@@ -175,3 +175,22 @@ def test_random_crop_keeps_shape_and_is_seeded():
     torch.testing.assert_close(a, augment(img, cfg, torch.Generator().manual_seed(1)))
     off = AugmentConfig(flips=False, rot90=False, intensity_scale=0.0, intensity_offset=0.0)
     torch.testing.assert_close(augment(img, off, torch.Generator().manual_seed(1)), img)
+
+
+def test_memory_cache_gives_the_same_samples(tiny_config):
+    """data.cache: memory decodes each frame once; samples (augmented ones too) are unchanged."""
+    from cellmtl.config import load_config
+    from cellmtl.data.dataset import build_normalizer, load_experiment
+    from cellmtl.training import datasets, split_indices
+
+    cfg = load_config(tiny_config)
+    exp = load_experiment(cfg)
+    indices = split_indices(cfg, exp)
+    train = datasets(cfg, exp, indices, build_normalizer(cfg, exp, indices["train"]))[0]
+    before = [train[(i, 3)]["image"] for i in range(len(train))]
+    train.fill_cache()
+    assert train.cache is not None and train.cache.shape == (len(train), 2, 32, 32)
+    train.readers = []  # no file access any more
+    for i in range(len(train)):
+        assert torch.equal(train[(i, 3)]["image"], before[i])
+    assert torch.equal(train.cache[0], train.load_image(0))  # augmentation never wrote into the cache

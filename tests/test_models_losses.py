@@ -93,9 +93,11 @@ def test_atomic_save_and_weights_only_load(tmp_path):
     path = tmp_path / "c" / "best.pt"
     atomic_save(ckpt, path)
     atomic_save(ckpt, path)  # overwrite in place
-    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp files left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["best.prev.pt", "best.pt"]  # no temp files left
     loaded = load_checkpoint(path)
     assert loaded["history"] == ckpt["history"]
     path.write_bytes(b"garbage")
+    assert load_checkpoint(path)["history"] == ckpt["history"]  # the kept previous one
+    (path.parent / "best.prev.pt").write_bytes(b"garbage")
     with pytest.raises(BadInputError, match="could not be read"):
         load_checkpoint(path)

@@ -97,6 +97,10 @@ class DataConfig(_Strict):
         None, description="frames at these hour offsets (e.g. [-6, -3, 0]) stacked as channels, clamped to the stack"
     )
     num_workers: int = Field(2, ge=0)
+    cache: Literal["none", "memory"] = Field(
+        "none", description="memory: decode, resize and normalise every frame once into RAM (float32 "
+        "frames x channels x image_size^2 x 4 bytes), then only augmentation is per sample"
+    )
     balance: Literal["none", "sampler", "weights"] = Field(
         "none",
         description="class imbalance: sampler = draw training frames class-balanced each epoch; weights = "
@@ -191,6 +195,7 @@ class TrainingConfig(_Strict):
         None, ge=1, description="CPU threads for PyTorch; null = cores not taken by DataLoader workers"
     )
     progress: bool = True
+    compile: bool = Field(False, description="torch.compile the training model (first steps compile; CUDA mainly)")
 
     @field_validator("device")
     @classmethod

@@ -72,7 +72,9 @@ def make_loader(
     workers when iterated, so a run holds one set of idle workers, not three."""
     kwargs: dict = {}
     if num_workers > 0:
-        kwargs.update(persistent_workers=persistent, prefetch_factor=4)
+        # Workers' base seed from a private generator: it does not consume the global RNG (dropout), so a
+        # resumed run draws the same as an uninterrupted one (augmentation is seeded per sample anyway).
+        kwargs.update(persistent_workers=persistent, prefetch_factor=4, generator=torch.Generator().manual_seed(0))
     return DataLoader(
         ds,
         batch_size=batch_size,

@@ -245,6 +245,10 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     assert train_index is not None  # split_indices guarantees a train split
     normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt else build_normalizer(cfg, exp, train_index)
     train_ds, val_ds, test_ds = datasets(cfg, exp, indices, normalizer)
+    if cfg.data.cache == "memory":
+        for ds in (train_ds, val_ds, test_ds):
+            if ds is not None:
+                ds.fill_cache()
 
     if ckpt is None:  # under DDP rank 0 creates the folder, the others learn its name
         run_dir = distributed.broadcast(new_run_dir(cfg) if ctx.is_main else None, ctx)
@@ -278,6 +282,12 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     elif ctx.is_main:
         write_run_files(s)
     s.train_model = distributed.wrap(model, ctx, device)  # after restore: DDP broadcasts rank 0's weights
+    if cfg.training.compile:  # checkpoints and evaluation keep using the plain `model`
+        s.train_model = torch.compile(s.train_model)
+    if cfg.data.cache == "memory":
+        mib = sum(d.cache_bytes() for d in (train_ds, val_ds, test_ds) if d is not None) / 2**20
+        logger.info("data.cache: memory holds %d frames in %.0f MiB", len(train_ds) + len(val_ds)
+                    + (len(test_ds) if test_ds is not None else 0), mib)
     return s
 
 
@@ -521,13 +531,11 @@ def train_sampler(s: Setup) -> EpochSampler:
     return EpochSampler(len(s.train_ds), shuffle=True, seed=s.cfg.seed, weights=balanced)
 
 
-def fit(s: Setup) -> dict[str, Any]:
-    """The epoch loop; returns results.json's content."""
-    cfg, log = s.cfg, s.logger
-    metric = cfg.training.select_metric
-    assert metric is not None  # resolved by Config
-    nw = cfg.data.num_workers
-    sampler = train_sampler(s)
+def build_loaders(s: Setup) -> tuple[Any, Any, Any, Any]:
+    """(train sampler, train loader, val loader, BatchNorm-calibration loader) as `fit` uses them (and
+    benchmarks/bench_train.py measures them). Under DDP the train sampler is this rank's shard."""
+    cfg, nw = s.cfg, s.cfg.data.num_workers
+    sampler: Any = train_sampler(s)
     if s.ctx.enabled:
         sampler = distributed.ShardedSampler(sampler, s.ctx)
     # Full batches only: a last batch of one sample breaks BatchNorm and gives noisy steps.
@@ -536,6 +544,15 @@ def fit(s: Setup) -> dict[str, Any]:
     val_loader = make_loader(s.val_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device)
     calib_loader = make_loader(s.calib_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
                                drop_last=len(s.calib_ds) > cfg.training.batch_size)
+    return sampler, train_loader, val_loader, calib_loader
+
+
+def fit(s: Setup) -> dict[str, Any]:
+    """The epoch loop; returns results.json's content."""
+    cfg, log = s.cfg, s.logger
+    metric = cfg.training.select_metric
+    assert metric is not None  # resolved by Config
+    sampler, train_loader, val_loader, calib_loader = build_loaders(s)
     ckpt_dir = s.run_dir / "checkpoints"
     stale = s.start_epoch - s.best_epoch
     for epoch in range(s.start_epoch + 1, cfg.training.epochs + 1):

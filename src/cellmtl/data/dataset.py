@@ -243,12 +243,32 @@ class TimeCourseDataset(Dataset):
             if intervals is None or len(intervals) != len(infos):
                 raise ValueError("temporal context needs one frame interval per stack")
             self.frame_offsets = [context_offsets(context_hours, dt) for dt in intervals]
+        self.cache: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def cache_bytes(self) -> int:
+        return 0 if self.cache is None else self.cache.numel() * self.cache.element_size()
+
+    def fill_cache(self) -> None:
+        """Read, resize and normalise every frame once into one float32 `[N, C', S, S]` tensor (`data.cache:
+        memory`; C' includes temporal-context frames): the per-sample work left is augmentation. Filled in
+        the main process before DataLoader workers fork, so on Linux they share its pages instead of each
+        building a copy."""
+        if len(self) == 0:
+            return
+        first = self.load_image(0)
+        cache = torch.empty((len(self), *first.shape), dtype=torch.float32)
+        cache[0] = first
+        for i in range(1, len(self)):
+            cache[i] = self.load_image(i)
+        self.cache = cache
+
     def load_image(self, i: int) -> torch.Tensor:
         """Read, resize and normalise frame i of the index: float32 `[C, image_size, image_size]`."""
+        if self.cache is not None:
+            return self.cache[i]  # a view; augmentation and collation copy, nothing writes into it
         s, f = int(self.index.stack[i]), int(self.index.frame[i])
         if self.frame_offsets is None:
             img = torch.from_numpy(self.readers[s].read(f, self.channels))
