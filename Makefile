@@ -26,6 +26,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_train.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache
