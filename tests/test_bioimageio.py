@@ -85,6 +85,18 @@ def test_dataset_normaliser_becomes_scale_linear():
     np.testing.assert_allclose(by_steps, norm(x.clone()).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_range_floor_checkpoint_is_refused_for_bioimageio(tiny_config, tmp_path, capsys):
+    """bioimageio.core 0.11 ignores scale_range's eps, so a floored normaliser cannot be declared faithfully."""
+    ckpt_path = tiny_checkpoint(tmp_path, tiny_config)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["normalizer"] = Normalizer("per_image", (1.0, 99.8), floor=(300.0, 80.0)).to_dict()
+    torch.save(ckpt, ckpt_path)
+    code = main(["export", "--checkpoint", str(ckpt_path), "--format", "bioimageio", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error:") and "range_floor" in err
+    assert not (tmp_path / "p").exists()
+
+
 def test_bad_out_paths_are_bad_input(tiny_config, tmp_path, capsys):
     ckpt = tiny_checkpoint(tmp_path, tiny_config)
     (tmp_path / "data").mkdir()

@@ -118,6 +118,17 @@ def test_dataset_normaliser_uses_training_frames(mixed):
     assert norm.hi[0] > 3500 and norm.lo[0] < 500
 
 
+def test_range_floor_is_measured_on_training_frames(mixed):
+    manifest, arrays = mixed
+    cfg = cfg_for(manifest, normalization={"range_floor": 0.1})
+    exp = load_experiment(cfg)
+    norm = build_normalizer(cfg, exp, exp.index("train", cfg.data.frames.train, "drop"))
+    assert norm.mode == "per_image" and norm.floor is not None and len(norm.floor) == len(exp.channels)
+    widest = max(float(a[:, c].max() - a[:, c].min()) for a in arrays.values() for c in range(a.shape[1]))
+    assert all(0 < f <= 0.1 * widest for f in norm.floor)
+    assert build_normalizer(cfg_for(manifest), exp, exp.index("train", cfg.data.frames.train, "drop")).floor is None
+
+
 def test_per_image_normalisation_maps_percentiles_to_unit_range():
     img = torch.arange(2 * 10 * 10, dtype=torch.float32).reshape(2, 10, 10)
     out = fit_normalizer("per_image", (0.0, 100.0))(img)
@@ -130,6 +141,27 @@ def test_per_image_normalisation_maps_percentiles_to_unit_range():
 def test_normalizer_round_trip():
     n = Normalizer("dataset", (1.0, 99.8), (1.0, 2.0), (3.0, 4.0))
     assert Normalizer.from_dict(n.to_dict()) == n
+    f = Normalizer("per_image", (1.0, 99.8), floor=(10.0, 20.0))
+    assert Normalizer.from_dict(f.to_dict()) == f
+    old = {"mode": "per_image", "percentiles": [1.0, 99.8], "lo": None, "hi": None}  # a checkpoint before floors
+    assert Normalizer.from_dict(old).floor is None
+
+
+def test_range_floor_keeps_a_dark_channel_dark():
+    """Floor = fraction x the 90th percentile of per-frame ranges; (x - lo) / (hi - lo + floor) by hand."""
+    rng = np.random.default_rng(0)
+    bright = [np.stack([rng.uniform(0, 1000, 5000), rng.uniform(0, 2000, 5000)]).astype(np.float32) for _ in range(9)]
+    dark = [np.stack([rng.uniform(0, 1000, 5000), rng.uniform(0, 10, 5000)]).astype(np.float32)]
+    norm = fit_normalizer("per_image", (0.0, 100.0), bright + dark, floor_fraction=0.1)
+    spans = np.array([[s[c].max() - s[c].min() for c in range(2)] for s in bright + dark])
+    np.testing.assert_allclose(norm.floor, 0.1 * np.percentile(spans, 90, axis=0), rtol=1e-5)
+    img = torch.stack([torch.linspace(0, 1000, 100), torch.linspace(0, 10, 100)]).reshape(2, 10, 10)
+    out = norm(img)
+    expected = (img.numpy() - 0) / (np.array([1000.0, 10.0]) + np.array(norm.floor))[:, None, None]
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert out[1].max() < 0.06  # a camera-noise channel stays near 0 (plain per_image would stretch it to 1)
+    assert out[0].max() > 0.9  # a bright channel keeps nearly its full range
+    assert fit_normalizer("per_image", (0.0, 100.0), bright, floor_fraction=0.0).floor is None
 
 
 def test_augment_is_reproducible_from_its_generator():

@@ -108,7 +108,9 @@ def test_same_seed_same_metrics(capsys, tiny_config):
     ra, rb = (json.loads((r / "results.json").read_text())["best"] for r in (a, b))
     assert ra == rb
     ckpt = torch.load(a / "checkpoints" / "best.pt", weights_only=True)
-    assert ckpt["normalizer"] == {"mode": "per_image", "percentiles": [1.0, 99.8], "lo": None, "hi": None}
+    norm = ckpt["normalizer"]
+    assert (norm["mode"], norm["percentiles"], norm["lo"], norm["hi"]) == ("per_image", [1.0, 99.8], None, None)
+    assert norm["floor"] is None  # data.normalization.range_floor is opt-in
 
 
 def test_train_py_classification_mode(tiny_config, tmp_path):

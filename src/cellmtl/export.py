@@ -89,7 +89,15 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
     if fmt == "bioimageio":
         from cellmtl.bioimage_package import export_bioimageio
 
-        if load_checkpoint(checkpoint).get("temporal_context_hours"):
+        ckpt = load_checkpoint(checkpoint)
+        if (ckpt.get("normalizer") or {}).get("floor"):
+            # (x - lo) / (hi - lo + floor) would be scale_range's eps, but bioimageio.core 0.11 ignores eps
+            # (ScaleRange.from_proc_descr drops it), so the package would not reproduce this model.
+            raise BadInputError(
+                f"checkpoint {checkpoint} uses data.normalization.range_floor, which bioimage.io tools cannot "
+                "reproduce yet; export it with --format onnx, or train with range_floor: 0"
+            )
+        if ckpt.get("temporal_context_hours"):
             # a bioimage.io model takes one image; stacking earlier frames is a step its tools cannot do
             raise BadInputError(
                 f"checkpoint {checkpoint} stacks frames of data.temporal_context_hours; bioimage.io packages "

@@ -186,13 +186,13 @@ def sample_pixels(
 def build_normalizer(cfg: Config, exp: Experiment, train_index: SampleIndex) -> Normalizer:
     n = cfg.data.normalization
     samples: list[np.ndarray] = []
-    if n.mode == "dataset":
+    if n.mode == "dataset" or n.range_floor > 0:
         readers = [StackReader(info) for info in exp.infos]
         rng = np.random.default_rng(cfg.seed)
         samples = sample_pixels(readers, train_index, exp.channels, n_frames=n.sample_frames, rng=rng)
         for r in readers:
             r.close()
-    return fit_normalizer(n.mode, n.percentiles, samples)
+    return fit_normalizer(n.mode, n.percentiles, samples, n.range_floor)
 
 
 def context_offsets(context_hours: Sequence[float], frame_interval_hours: float) -> list[int]:

@@ -33,18 +33,26 @@ def channel_percentiles(img: np.ndarray | torch.Tensor, low: float, high: float)
 @dataclass(frozen=True)
 class Normalizer:
     """`dataset` mode: fixed per-channel (lo, hi) measured on training frames. `per_image` mode: each image
-    scaled by its own percentiles (cellpose's normalize99 idea)."""
+    scaled by its own percentiles (cellpose's normalize99 idea), `(x - lo) / (hi - lo + floor)`: `floor`
+    (raw intensity units per channel, from training frames) keeps near-empty channels from being
+    stretched into bright noise; None means no floor."""
 
     mode: str
     percentiles: tuple[float, float]
     lo: tuple[float, ...] | None = None
     hi: tuple[float, ...] | None = None
+    floor: tuple[float, ...] | None = None
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         if self.mode == "per_image":
             lo_np, hi_np = channel_percentiles(img, *self.percentiles)
             lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
-            return (img - lo[:, None, None]) / torch.clamp(hi - lo, min=EPS)[:, None, None]
+            span = torch.clamp(hi - lo, min=EPS)
+            if self.floor is not None:
+                if len(self.floor) != img.shape[0]:
+                    raise ValueError(f"normaliser floor has {len(self.floor)} channels, image {img.shape[0]}")
+                span = span + torch.tensor(self.floor, dtype=span.dtype)
+            return (img - lo[:, None, None]) / span[:, None, None]
         if self.lo is None or self.hi is None:
             raise RuntimeError("dataset normaliser used before it was fitted")
         offset, scale = self._affine()
@@ -65,25 +73,37 @@ class Normalizer:
             "percentiles": list(self.percentiles),
             "lo": None if self.lo is None else list(self.lo),
             "hi": None if self.hi is None else list(self.hi),
+            "floor": None if self.floor is None else list(self.floor),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Normalizer:
-        lo, hi = d.get("lo"), d.get("hi")
+        lo, hi, floor = d.get("lo"), d.get("hi"), d.get("floor")  # checkpoints before the floor have none
         return cls(
             mode=str(d["mode"]),
             percentiles=(float(d["percentiles"][0]), float(d["percentiles"][1])),
             lo=None if lo is None else tuple(float(x) for x in lo),
             hi=None if hi is None else tuple(float(x) for x in hi),
+            floor=None if floor is None else tuple(float(x) for x in floor),
         )
 
 
+def range_floor(samples: Sequence[np.ndarray], percentiles: tuple[float, float], fraction: float) -> tuple[float, ...]:
+    """Per-channel floor = `fraction` x the 90th percentile, over frames, of each frame's percentile range:
+    the range of a typical bright image (robust to a few frames with hot pixels), in raw units."""
+    spans = np.stack([np.subtract(*channel_percentiles(s, *percentiles)[::-1]) for s in samples])  # [F, C]
+    return tuple(float(fraction * v) for v in np.percentile(spans, 90, axis=0))
+
+
 def fit_normalizer(
-    mode: str, percentiles: Sequence[float], samples: Sequence[np.ndarray] = ()
+    mode: str, percentiles: Sequence[float], samples: Sequence[np.ndarray] = (), floor_fraction: float = 0.0
 ) -> Normalizer:
-    """`samples`: `[C, N]` float32 pixel samples from training frames (only used in `dataset` mode)."""
+    """`samples`: `[C, N]` float32 pixel samples, one array per training frame (`dataset` mode's
+    percentiles; per_image mode's floor when `floor_fraction` > 0)."""
     pct = (float(percentiles[0]), float(percentiles[1]))
     if mode == "per_image":
+        if floor_fraction > 0 and samples:
+            return Normalizer(mode, pct, floor=range_floor(samples, pct, floor_fraction))
         return Normalizer(mode, pct)
     if not samples:
         raise ValueError("dataset normalisation needs pixel samples from training frames")
