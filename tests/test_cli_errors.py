@@ -189,6 +189,8 @@ def test_synth_then_check_data_lists_every_stack(capsys, tmp_path):
         row = next(ln for ln in lines if ln.startswith(f"stack{k:02d}"))
         assert " 5 " in row and " 2 " in row and "uint16" in row and "imagej" in row
     assert "no problems found" in out
+    starter = yaml.safe_load((tmp_path / "s" / "config.yaml").read_text())
+    assert (starter["experiment_name"], starter["output_dir"]) == ("synthetic", "outputs")  # README's run paths
 
 
 def test_predict_on_stacks_with_too_few_channels(capsys, tiny_config, tmp_path):

@@ -50,6 +50,7 @@ def write_starter_config(manifest: Path, path: Path) -> Path:
     raw = json.loads(json.dumps(DEMO_CONFIG))
     raw["data"]["manifest"] = str(Path(manifest).resolve())
     raw["experiment_name"] = "synthetic"
+    raw["output_dir"] = "outputs"  # runs in outputs/synthetic/<run_id>, as the README shows (not the demo's folder)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
