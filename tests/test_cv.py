@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cellmtl.cli import main
 from cellmtl.config import load_config
@@ -91,3 +92,21 @@ def test_cv_cli_bad_input(tmp_path, tiny_config, capsys):
     assert err[-1].startswith("error: cv: 5 folds need at least 5 groups")
     assert main(["cv", "--resume", str(tmp_path)]) == 2
     assert "cv_plan.json" in capsys.readouterr().err
+
+
+def test_cv_seeds_repeat_each_fold_on_the_same_split(tmp_path, tiny_experiment, monkeypatch):
+    monkeypatch.setattr("cellmtl.training.write_run_plots", lambda *a, **k: [])
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_experiment, seed=7,
+                                   training={"epochs": 1, "bn_recalibration_samples": 0}))
+    cv_dir = run_cv(cfg, folds=2, seeds=2)
+    runs = sorted(cv_dir.glob("fold*/*/results.json"))
+    assert [p.parent.parent.name for p in runs] == ["fold1-seed1", "fold1-seed2", "fold2-seed1", "fold2-seed2"]
+    seeds, vals = [], []
+    for p in runs:
+        seeds.append(yaml.safe_load((p.parent / "config.yaml").read_text())["seed"])
+        with (p.parent / "splits.csv").open() as fh:
+            vals.append(frozenset(r["stack_id"] for r in csv.DictReader(fh) if r["split"] == "val"))
+    assert seeds == [7, 8, 7, 8]
+    assert vals[0] == vals[1] and vals[2] == vals[3] and not vals[0] & vals[2]  # seeds share their fold's split
+    s = json.loads((cv_dir / "cv_summary.json").read_text())
+    assert s["runs_done"] == 4 and s["val"]["cls_auc"]["n"] == 4

@@ -77,6 +77,8 @@ def test_loss_by_hand():
     assert loss["total"].item() == pytest.approx(2 * bce + 3 * sl1, rel=1e-5)
     only_cls = MultiTaskLoss("classification")({"infected": out["infected"]}, infected, t, has)
     assert only_cls["total"].item() == pytest.approx(bce, rel=1e-5) and only_cls["reg"].item() == 0.0
+    negative = MultiTaskLoss("classification")({"infected": torch.tensor([-3.0, -1.0])}, infected, t, has)
+    assert str(negative["reg"].item()) == "0.0"  # not "-0.0" in metrics.csv and comparison.csv
 
 
 def test_loss_without_time_targets_is_finite_and_pos_weight():

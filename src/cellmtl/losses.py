@@ -79,7 +79,7 @@ class MultiTaskLoss:
     ) -> dict[str, torch.Tensor]:
         """out: model outputs; infected float [B] (0/1); time_scaled float [B]; has_time bool [B].
         Returns `total`, `cls`, `reg` (each a scalar tensor; absent tasks give 0)."""
-        zero = next(iter(out.values())).sum() * 0.0  # keeps the graph and device
+        zero = next(iter(out.values())).sum() * 0.0 + 0.0  # keeps the graph and device; + 0.0 turns -0.0 into 0.0
         cls = reg = zero
         if "infected" in out:
             logit = out["infected"].float()
