@@ -109,20 +109,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def stack_source(args: argparse.Namespace, command: str) -> dict:
+    """The stacks and run options that `predict` and `explain` share; exactly one of --manifest or paths."""
+    if (args.manifest is None) == (not args.paths):
+        raise BadInputError(f"{command} needs either --manifest CSV or image paths, not both")
+    return {"manifest": args.manifest, "paths": args.paths, "device": args.device, "batch_size": args.batch_size,
+            "frame_interval_hours": args.frame_interval_hours}
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from cellmtl.inference import predict
 
-    if (args.manifest is None) == (not args.paths):
-        raise BadInputError("predict needs either --manifest CSV or image paths, not both")
-    out = predict(
-        args.checkpoint,
-        out=args.out,
-        manifest=args.manifest,
-        paths=args.paths,
-        device=args.device,
-        batch_size=args.batch_size,
-        frame_interval_hours=args.frame_interval_hours,
-    )
+    out = predict(args.checkpoint, out=args.out, **stack_source(args, "predict"))
     print(out)
     return 0
 
@@ -130,18 +128,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from cellmtl.explain import explain
 
-    if (args.manifest is None) == (not args.paths):
-        raise BadInputError("explain needs either --manifest CSV or image paths, not both")
-    out = explain(
-        args.checkpoint,
-        out=args.out,
-        manifest=args.manifest,
-        paths=args.paths,
-        frames=args.frames,
-        device=args.device,
-        batch_size=args.batch_size,
-        frame_interval_hours=args.frame_interval_hours,
-    )
+    out = explain(args.checkpoint, out=args.out, frames=args.frames, **stack_source(args, "explain"))
     print(out)
     return 0
 
