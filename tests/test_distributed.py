@@ -76,3 +76,25 @@ def test_torchrun_two_cpu_processes(tiny_config, tmp_path):
     assert len(list((tmp_path / "outputs" / "t").iterdir())) == 1
     with (run / "metrics.csv").open() as fh:
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2", "3"]
+
+
+def test_gather_predictions_keeps_every_output(monkeypatch):
+    """Two ranks' shards are reassembled in split order, including time_std and the `extra` outputs that
+    scoring needs (gaussian_nll's log-variance, per_class's [B, 2] times)."""
+    from cellmtl import distributed
+    from cellmtl.inference import Predictions
+
+    def shard(pos):
+        v = pos.astype(np.float32)
+        return Predictions(n=len(pos), prob=v / 10, logit=v, time_pred=v + 1, time_pred_scaled=v + 2, time_std=v + 3,
+                           extra={"time_logvar": v + 4, "time_per_class": np.stack([v, -v], axis=1)})
+
+    p0, p1 = np.array([0, 2, 4]), np.array([1, 3])
+    monkeypatch.setattr(distributed, "gather_objects", lambda obj, ctx: [(p0, shard(p0)), (p1, shard(p1))])
+    got = distributed.gather_predictions(shard(p0), p0, 5, distributed.SINGLE)
+    full = np.arange(5, dtype=np.float32)
+    for name, want in (("prob", full / 10), ("logit", full), ("time_pred", full + 1), ("time_pred_scaled", full + 2),
+                       ("time_std", full + 3)):
+        np.testing.assert_array_equal(getattr(got, name), want)
+    np.testing.assert_array_equal(got.extra["time_logvar"], full + 4)
+    np.testing.assert_array_equal(got.extra["time_per_class"], np.stack([full, -full], axis=1))

@@ -30,9 +30,9 @@ from cellmtl import __version__
 from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
 from cellmtl.data.transforms import Normalizer
 from cellmtl.errors import BadInputError
+from cellmtl.export import OPSET, onnx_graph
 from cellmtl.models import MultiTaskResNet
 
-OPSET = 18
 TEST_FRAME_HOUR = 12.0  # the synthetic test frame: an infected stack, 12 h after start, onset at 2 h
 
 
@@ -237,22 +237,21 @@ def build_description(ckpt: dict[str, Any], staging: Path, onnx_path: Path) -> A
     )
 
 
-def export_onnx_graph(model: MultiTaskResNet, in_chans: int, size: int, path: Path) -> Path:
-    """The network alone (input already normalised), dynamic batch axis, outputs `[N, K]`."""
-    example = torch.zeros(2, in_chans, size, size)
-    torch.onnx.export(
-        PackageWrapper(model).eval(),
-        (example,),
-        str(path),
-        input_names=["image"],
-        output_names=["prediction"],
-        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
-        opset_version=OPSET,
-        dynamo=True,
-        external_data=False,
-        verbose=False,
-    )
-    return path
+def refuse_unsupported(ckpt: dict[str, Any], checkpoint: str | Path) -> None:
+    """Checkpoints whose preprocessing bioimage.io tools cannot reproduce are bad input, not a wrong package."""
+    if (ckpt.get("normalizer") or {}).get("floor"):
+        # (x - lo) / (hi - lo + floor) would be scale_range's eps, but bioimageio.core 0.11 ignores eps
+        # (ScaleRange.from_proc_descr drops it), so the package would not reproduce this model.
+        raise BadInputError(
+            f"checkpoint {checkpoint} uses data.normalization.range_floor, which bioimage.io tools cannot "
+            "reproduce yet; export it with --format onnx, or train with range_floor: 0"
+        )
+    if ckpt.get("temporal_context_hours"):
+        # a bioimage.io model takes one image; stacking earlier frames is a step its tools cannot do
+        raise BadInputError(
+            f"checkpoint {checkpoint} stacks frames of data.temporal_context_hours; bioimage.io packages "
+            "take one image, so export it with --format onnx (its metadata lists the offsets)"
+        )
 
 
 def check_out(out: Path) -> None:
@@ -277,6 +276,7 @@ def export_bioimageio(checkpoint: str | Path, out: str | Path) -> Path:
     out = Path(out)
     check_out(out)
     ckpt = load_checkpoint(checkpoint)
+    refuse_unsupported(ckpt, checkpoint)
     model = model_from_checkpoint(ckpt)
     size, in_chans = int(ckpt["image_size"]), model.spec.in_chans
     with tempfile.TemporaryDirectory(prefix="cellmtl_bioimageio_") as tmp:
@@ -288,7 +288,7 @@ def export_bioimageio(checkpoint: str | Path, out: str | Path) -> Path:
         names = output_names(model.spec.mode)
         write_cover(image, expected, names, staging / "cover.png")
         write_readme(ckpt, names, staging / "README.md")
-        onnx_path = export_onnx_graph(model, in_chans, size, staging / "weights.onnx")
+        onnx_path = onnx_graph(PackageWrapper(model), in_chans, size, staging / "weights.onnx", ["prediction"])
         descr = build_description(ckpt, staging, onnx_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.suffix == ".zip":

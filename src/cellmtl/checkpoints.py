@@ -54,7 +54,7 @@ def atomic_save(obj: dict[str, Any], path: Path, *, keep_previous: bool = True) 
     (e.g. a disk that lies about fsync). Temp files of saves killed earlier are removed here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    for stale in path.parent.glob(f".{path.name}.*.tmp*"):  # temp files and their `.prev` links
         stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -105,8 +105,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     `atomic_save` kept beside it (with a warning), so one bad write never loses a run."""
     path = Path(path)
     prev = previous_path(path)
-    if not path.is_file() and not prev.is_file():
-        raise BadInputError(f"checkpoint not found: {path}")
     try:
         if not path.is_file():
             raise BadInputError(f"checkpoint not found: {path}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -84,11 +84,6 @@ def broadcast(obj: Any, ctx: DistContext) -> Any:
     box = [obj if ctx.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier(ctx: DistContext) -> None:
-    if ctx.enabled:
-        dist.barrier()
 
 
 def all_true(flag: bool, ctx: DistContext, device: torch.device) -> bool:
@@ -171,19 +166,22 @@ def seed_rank(seed: int, epoch: int, ctx: DistContext) -> None:
 
 def gather_predictions(preds: Predictions, positions: np.ndarray, n: int, ctx: DistContext) -> Predictions:
     """Every rank's shard predictions (rows at `positions` of a split of `n` frames), reassembled in the
-    split's order, on every rank."""
-    fields = ("prob", "logit", "time_pred", "time_pred_scaled")
-    parts = gather_objects((positions, {f: getattr(preds, f) for f in fields}), ctx)
-    merged: dict[str, np.ndarray | None] = {}
-    for f in fields:
-        if parts[0][1][f] is None:
-            merged[f] = None
-            continue
-        arr = np.empty(n, dtype=parts[0][1][f].dtype)
-        for pos, vals in parts:
-            arr[pos] = vals[f]
-        merged[f] = arr
-    return Predictions(n=n, **merged)
+    split's order, on every rank: every array field and every `extra` output, so scoring under DDP sees
+    what a single process sees (gaussian_nll's log-variance, per_class outputs)."""
+    parts = gather_objects((positions, preds), ctx)
+
+    def merge(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        if arrays[0] is None:
+            return None
+        out = np.empty((n, *arrays[0].shape[1:]), dtype=arrays[0].dtype)  # per_class outputs are [B, 2]
+        for (pos, _), a in zip(parts, arrays, strict=True):
+            out[pos] = a
+        return out
+
+    names = [f.name for f in fields(Predictions) if f.name not in ("n", "extra")]
+    merged = {f: merge([getattr(p, f) for _, p in parts]) for f in names}
+    extra = {k: merge([p.extra[k] for _, p in parts]) for k in preds.extra} if preds.extra else None
+    return Predictions(n=n, **merged, extra=extra)
 
 
 def average_grads(params: list[torch.Tensor], ctx: DistContext) -> None:

@@ -26,8 +26,7 @@ from cellmtl.review import write_error_review
 from cellmtl.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
 from cellmtl.training import pick_device, score
 
-LOG_KEYS = (
-    "total_loss",
+LOG_KEYS = (  # printed with their bootstrap CIs (losses have none)
     "cls_auc",
     "cls_acc",
     "cls_f1",
@@ -110,7 +109,7 @@ def summary_text(result: dict[str, Any]) -> str:
         f"{result['split']} ({Path(result['checkpoint']).name}, epoch {result['epoch']}, "
         f"{result['n_frames']} frames, {result['n_stacks']} stacks)"
     ]
-    for k in (k for k in LOG_KEYS if k in m and k != "total_loss"):
+    for k in (k for k in LOG_KEYS if k in m):
         band = ci.get(k)
         lines.append(f"  {k:20s} {_num(m[k])}" + (f"  [95% CI {band[0]:.3f}, {band[1]:.3f}]" if band else ""))
     lines.append("  hours      n    cls_auc  cls_acc  reg_mae  mae_inf  mae_uninf")

@@ -164,25 +164,13 @@ def explain(
 ) -> Path:
     """Montages `<out>/<stack_id>.png` and `<out>/index.html`; returns the index path. `frames`: these
     frame numbers of every stack instead of the default picks (see `pick_frames`)."""
-    from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint, model_from_checkpoint
-    from cellmtl.config import FrameSelection
-    from cellmtl.data.dataset import SampleIndex, probe_records, stack_index
-    from cellmtl.data.manifest import load_manifest
-    from cellmtl.inference import make_loader, records_from_paths, run_model
+    from cellmtl.checkpoints import config_from_checkpoint, model_from_checkpoint
+    from cellmtl.inference import make_loader, new_stacks_dataset, run_model
     from cellmtl.training import pick_device
 
-    ckpt = load_checkpoint(checkpoint)
+    ckpt, records, ds = new_stacks_dataset(checkpoint, manifest, paths, frame_interval_hours)
     cfg = config_from_checkpoint(ckpt)
-    interval = frame_interval_hours or cfg.data.frame_interval_hours
-    if manifest is not None:
-        records = load_manifest(manifest, default_interval=interval,
-                                default_onset=cfg.multitask.infection_onset_hour, labelled=False)
-    else:
-        records = records_from_paths(list(paths), interval)
-    infos = probe_records(records, list(ckpt["channels"]), what="the model's input channels")
-    every = FrameSelection()
-    index = SampleIndex.concat([stack_index(r, i, k, every, "keep") for k, (r, i) in enumerate(zip(records, infos,
-                                                                                                     strict=True))])
+    index = ds.index
     if cfg.data.pre_onset != "keep":
         # Every frame is shown, but a pre-onset frame of an infected stack is not "wrong" for looking
         # uninfected when the model was trained without such frames (drop) or as uninfected.
@@ -193,7 +181,6 @@ def explain(
         bad = [f for f in frames if f < 0 or not (index.frame == f).any()]
         if bad:
             raise BadInputError(f"explain --frames: frame {bad[0]} is in none of the stacks")
-    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], index)
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     preds = run_model(model, make_loader(ds, batch_size=batch_size, num_workers=0, device=dev), dev,
@@ -202,10 +189,11 @@ def explain(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     entries = []
+    wanted = set(frames or ())
     for k, rec in enumerate(records):
         pos = np.flatnonzero(index.stack == k)
         if frames is not None:
-            chosen = {int(p): ["chosen"] for p in pos if int(index.frame[p]) in set(frames)}
+            chosen = {int(p): ["chosen"] for p in pos if int(index.frame[p]) in wanted}
         else:
             t_err = None if preds.time_pred is None else np.abs(preds.time_pred[pos] - index.time_target[pos])
             picks = pick_frames(None if preds.prob is None else preds.prob[pos], index.infected[pos], t_err)

@@ -18,6 +18,8 @@ from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
 from cellmtl.errors import BadInputError
 from cellmtl.models import MultiTaskResNet
 
+OPSET = 18
+
 
 class ExportWrapper(nn.Module):
     """Plain tensors out (no dict): probability and hours, the quantities users read."""
@@ -34,28 +36,31 @@ class ExportWrapper(nn.Module):
         return prob, hours
 
 
-def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
-    """Write an ONNX model with a dynamic batch axis; returns its path."""
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt)
-    wrapper = ExportWrapper(model).eval()
-    size = int(ckpt["image_size"])
-    example = torch.zeros(2, model.spec.in_chans, size, size)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # torch.export-based exporter (TorchScript export is deprecated); the batch axis stays dynamic.
+def onnx_graph(wrapper: nn.Module, in_chans: int, size: int, path: Path, outputs: list[str]) -> Path:
+    """`wrapper` as ONNX with input `image` `[N, C, size, size]` and a dynamic batch axis (the torch.export
+    based exporter; TorchScript export is deprecated). Shared by the ONNX and bioimage.io exports."""
     torch.onnx.export(
-        wrapper,
-        (example,),
-        str(out),
+        wrapper.eval(),
+        (torch.zeros(2, in_chans, size, size),),
+        str(path),
         input_names=["image"],
-        output_names=["prob_infected", "time_hours"],
+        output_names=outputs,
         dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
-        opset_version=18,
+        opset_version=OPSET,
         dynamo=True,
         external_data=False,
         verbose=False,
     )
+    return path
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
+    """Write an ONNX model with a dynamic batch axis; returns its path."""
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx_graph(ExportWrapper(model), model.spec.in_chans, int(ckpt["image_size"]), out, ["prob_infected", "time_hours"])
     add_metadata(out, ckpt)
     return out
 
@@ -88,21 +93,6 @@ def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
         raise BadInputError("export --format onnx needs the 'export' extra: pip install 'cellmtl[export]'") from None
     if fmt == "bioimageio":
         from cellmtl.bioimage_package import export_bioimageio
-
-        ckpt = load_checkpoint(checkpoint)
-        if (ckpt.get("normalizer") or {}).get("floor"):
-            # (x - lo) / (hi - lo + floor) would be scale_range's eps, but bioimageio.core 0.11 ignores eps
-            # (ScaleRange.from_proc_descr drops it), so the package would not reproduce this model.
-            raise BadInputError(
-                f"checkpoint {checkpoint} uses data.normalization.range_floor, which bioimage.io tools cannot "
-                "reproduce yet; export it with --format onnx, or train with range_floor: 0"
-            )
-        if ckpt.get("temporal_context_hours"):
-            # a bioimage.io model takes one image; stacking earlier frames is a step its tools cannot do
-            raise BadInputError(
-                f"checkpoint {checkpoint} stacks frames of data.temporal_context_hours; bioimage.io packages "
-                "take one image, so export it with --format onnx (its metadata lists the offsets)"
-            )
 
         return export_bioimageio(checkpoint, out)
     return export_onnx(checkpoint, out)

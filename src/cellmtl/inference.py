@@ -250,6 +250,38 @@ def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
     return out
 
 
+def new_stacks_dataset(
+    checkpoint: str | Path,
+    manifest: str | Path | None,
+    paths: Sequence[Path],
+    frame_interval_hours: float | None,
+) -> tuple[dict, list[StackRecord], TimeCourseDataset]:
+    """(checkpoint, records, dataset of every frame) for stacks the model has not seen, prepared as the
+    checkpoint saw its training frames; labels optional. Shared by `predict` and `explain`, so both build
+    the same input (channels, normalisation, temporal context) and the same targets."""
+    from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint
+    from cellmtl.config import FrameSelection
+    from cellmtl.data.dataset import probe_records, stack_index
+    from cellmtl.data.manifest import load_manifest
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_checkpoint(ckpt)
+    interval = frame_interval_hours or cfg.data.frame_interval_hours
+    if manifest is not None:
+        records = load_manifest(manifest, default_interval=interval,
+                                default_onset=cfg.multitask.infection_onset_hour, labelled=False)
+    else:
+        records = records_from_paths(list(paths), interval)
+    infos = probe_records(records, list(ckpt["channels"]), what="the model's input channels")
+    # Every frame; pre-onset frames of labelled infected stacks get negative time targets.
+    every = FrameSelection()
+    ut = cfg.multitask.uninfected_time
+    parts = [stack_index(r, i, k, every, "keep", ut) for k, (r, i) in enumerate(zip(records, infos, strict=True))]
+    intervals = [r.frame_interval_hours for r in records]
+    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], SampleIndex.concat(parts), intervals)
+    return ckpt, records, ds
+
+
 def predict(
     checkpoint: str | Path,
     *,
@@ -266,29 +298,10 @@ def predict(
 
     Uses the checkpoint's own channels, normalisation and image size. Labels are optional: where the
     manifest gives a condition (and onset), `condition` and `time_target` columns are filled in."""
-    from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint, model_from_checkpoint
-    from cellmtl.config import FrameSelection
-    from cellmtl.data.dataset import probe_records, stack_index
-    from cellmtl.data.manifest import load_manifest
+    from cellmtl.checkpoints import model_from_checkpoint
     from cellmtl.training import pick_device
 
-    ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_checkpoint(ckpt)
-    interval = frame_interval_hours or cfg.data.frame_interval_hours
-    if manifest is not None:
-        records = load_manifest(manifest, default_interval=interval,
-                                default_onset=cfg.multitask.infection_onset_hour, labelled=False)
-    else:
-        records = records_from_paths(list(paths), interval)
-    channels = list(ckpt["channels"])
-    infos = probe_records(records, channels, what="the model's input channels")
-    # Every frame is predicted; pre-onset frames of labelled infected stacks get negative time targets.
-    every = FrameSelection()
-    ut = cfg.multitask.uninfected_time
-    parts = [stack_index(r, i, k, every, "keep", ut) for k, (r, i) in enumerate(zip(records, infos, strict=True))]
-    index = SampleIndex.concat(parts)
-    intervals = [r.frame_interval_hours for r in records]
-    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], index, intervals)
+    ckpt, records, ds = new_stacks_dataset(checkpoint, manifest, paths, frame_interval_hours)
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     loader = make_loader(ds, batch_size=batch_size, num_workers=num_workers, device=dev)

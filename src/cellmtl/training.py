@@ -583,12 +583,13 @@ def fit(s: Setup) -> dict[str, Any]:
             if improved:
                 log.info("✓ New best model! %s=%.4f", metric, val[metric])
             s.best_epoch, stale = epoch, 0
-            if s.ctx.is_main:
-                atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "best.pt")
         else:
             stale += 1
         if s.ctx.is_main:
-            atomic_save(checkpoint_dict(s, epoch), ckpt_dir / "last.pt")
+            ckpt = checkpoint_dict(s, epoch)  # one copy of weights and optimizer state for both files
+            if s.best_epoch == epoch:
+                atomic_save(ckpt, ckpt_dir / "best.pt")
+            atomic_save(ckpt, ckpt_dir / "last.pt")
             write_metrics_csv(s.history, s.run_dir / "metrics.csv")
     return finish(s)
 
@@ -625,10 +626,14 @@ def validate_sharded(s: Setup, ds: TimeCourseDataset) -> tuple[dict[str, float |
     return score(s.model, s.loss_fn, ds.index, preds), preds
 
 
+def val_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """A history row's validation metrics, without the `val_` prefix."""
+    return {k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_")}
+
+
 def best_val_metrics(s: Setup) -> dict[str, Any]:
     """Validation metrics of the best epoch so far, read back from the history (history row e is epoch e)."""
-    row = s.history[s.best_epoch - 1]
-    return {k.removeprefix("val_"): v for k, v in row.items() if k.startswith("val_")}
+    return val_metrics(s.history[s.best_epoch - 1])
 
 
 def finish(s: Setup) -> dict[str, Any]:
@@ -649,7 +654,7 @@ def finish(s: Setup) -> dict[str, Any]:
         "select_metric": s.cfg.training.select_metric,
         "best_epoch": s.best_epoch,
         "best": val,
-        "final": {k.removeprefix("val_"): v for k, v in s.history[-1].items() if k.startswith("val_")},
+        "final": val_metrics(s.history[-1]),
         "history_length": len(s.history),
         "wall_time_s": round(s.wall_time_s, 2),
     }

@@ -153,14 +153,20 @@ class GradNormWeighting(FixedWeighting):
         self.wp = nn.Parameter(torch.ones(N_TASKS, device=device))
         self.opt = torch.optim.Adam([self.wp], lr=lr)
         self.initial: torch.Tensor | None = None  # L(0), the first step's losses
+        self.shared: nn.Parameter | None = None  # the model's last shared layer's weight
 
     def combine(self, losses: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
         task = torch.stack([losses["cls"], losses["reg"]])
         w = self.wp.detach().clone()
         if torch.is_grad_enabled() and task.requires_grad and bool(torch.isfinite(task).all()):
-            self._update(task, last_shared_weight(model))
-        self.w = [float(v) for v in self.wp.detach().cpu()]
+            if self.shared is None:  # found once: the module walk is not per-step work
+                self.shared = last_shared_weight(model)
+            self._update(task, self.shared)
         return w[0] * task[0] + w[1] * task[1]
+
+    def weights(self) -> dict[str, float]:
+        w_cls, w_reg = self.wp.detach().cpu().tolist()  # the learned weights are the state; no copy per step
+        return {"weight_cls": w_cls, "weight_reg": w_reg}
 
     def _update(self, task: torch.Tensor, shared: nn.Parameter) -> None:
         """One step of the weights towards the target gradient norms; the model's graph is kept for its
@@ -182,7 +188,7 @@ class GradNormWeighting(FixedWeighting):
             self.wp.mul_(N_TASKS / self.wp.sum())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "w": list(self.w), "wp": self.wp.detach().cpu().clone(),
+        return {"name": self.name, "w": self.wp.detach().cpu().tolist(), "wp": self.wp.detach().cpu().clone(),
                 "initial": None if self.initial is None else self.initial.cpu(), "opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
