@@ -85,8 +85,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cellmtl.compare import compare
     from cellmtl.config import load_config
 
-    if args.seeds < 1:
-        raise BadInputError(f"--seeds must be at least 1, got {args.seeds}")
     cfg = load_config(args.config, args.overrides)
     print(compare(cfg, args.seeds))
     return 0

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 
 from cellmtl.config import CLS_METRICS, REG_METRICS, Config, config_from_dict, config_to_dict
-from cellmtl.errors import TrainingError
+from cellmtl.errors import BadInputError, TrainingError
+from cellmtl.inference import write_csv
+from cellmtl.metrics import LOWER_IS_BETTER
 
 MODES = ("multitask", "classification", "regression")
 CLASSICAL = "classical"
 # The columns of comparison.md (validation, at each run's best epoch); comparison.csv has every metric.
 TABLE_METRICS = ("cls_auc", "cls_acc", "cls_f1", "reg_mae", "reg_mae_infected", "reg_mae_uninfected")
-LOWER_BETTER = {"reg_mae", "reg_rmse", "reg_mse", "reg_mae_infected", "reg_mae_uninfected"}
 
 
 def mode_config(cfg: Config, mode: str, seed: int, runs_dir: Path, splits: dict[str, str] | None) -> Config:
@@ -74,6 +75,8 @@ def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None) -> Path
     """Train every mode with seeds `cfg.seed .. cfg.seed + seeds - 1`; returns the comparison folder."""
     from cellmtl.training import train
 
+    if seeds < 1:
+        raise BadInputError(f"--seeds must be at least 1, got {seeds}")
     folder = out_dir or Path(cfg.output_dir) / cfg.experiment_name / f"compare-{datetime.now():%Y%m%d-%H%M%S-%f}"
     folder.mkdir(parents=True, exist_ok=True)
     runs_dir = folder / "runs"
@@ -95,17 +98,10 @@ def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None) -> Path
             print(f"compare: {mode} seed {seed} done: {run}", file=sys.stderr)
         assert mt_run is not None
         rows.append(result_row(CLASSICAL, seed, None, classical_results(mt_run, seed)))
-    write_rows(rows, folder / "comparison.csv")
+    write_csv(rows, folder / "comparison.csv")  # columns in first-seen order; None and missing -> ""
     (folder / "comparison.md").write_text(markdown_summary(rows, splits or {}))
     plot_comparison(rows, folder / "comparison.png")
     return folder
-
-
-def write_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    from cellmtl.inference import write_csv
-
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    write_csv([{k: ("" if r.get(k) is None else r.get(k, "")) for k in columns} for r in rows], path, columns)
 
 
 # --- the classical baseline -------------------------------------------------------------------------------
@@ -217,7 +213,7 @@ def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str]) -> 
     for metric in TABLE_METRICS:
         means = {m: float(np.mean(v)) for m in modes if (v := _values(rows, m, metric))}
         if means:
-            pick = min if metric in LOWER_BETTER else max
+            pick = min if metric in LOWER_IS_BETTER else max
             best[metric] = pick(means, key=means.__getitem__)
     for m in modes:
         cells = []
@@ -242,7 +238,7 @@ def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str]) -> 
             t = paired_test(_values(rows, "multitask", metric), _values(rows, other, metric))
             if t is None:
                 continue
-            better, worse = (t["b_wins"], t["a_wins"]) if metric in LOWER_BETTER else (t["a_wins"], t["b_wins"])
+            better, worse = (t["b_wins"], t["a_wins"]) if metric in LOWER_IS_BETTER else (t["a_wins"], t["b_wins"])
             p = "n/a (no variation)" if t["p"] is None else f"{t['p']:.3g}"
             lines.append(f"| {metric} | {other} | {t['mean_diff']:+.3f} | {p} | {better} / {worse} of {t['n']} |")
         lines += ["", "With few seeds a paired test has little power: p > 0.05 means *no evidence*, "

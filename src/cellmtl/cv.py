@@ -5,9 +5,9 @@ a spread (mean ± std) for every metric. Folds are made of whole groups (a plate
 split) and each fold's validation set holds both classes. A held-out `test` split (config lists, manifest
 column or `data.test_fraction`) stays out of every fold and is scored by every fold's model.
 
-Layout: `{output_dir}/{experiment_name}/cv-<id>/` holds `cv_plan.json` (the folds), one normal run
+Layout: `{output_dir}/{experiment_name}/cv-<K>fold-<hash>/` holds `cv_plan.json` (the folds), one normal run
 folder per fold and seed (`fold<k>[-seed<s>]/<run_id>/`), `cv_summary.json`, `cv_summary.md` and
-`predictions_oof.csv`. `<id>` is a hash of the resolved config, folds and seeds, so running the same
+`predictions_oof.csv`. `<hash>` is a hash of the resolved config, folds and seeds, so running the same
 command again continues the same cross-validation: only folds without `results.json` are trained.
 """
 

@@ -49,14 +49,20 @@ class Normalizer:
             lo, hi = torch.from_numpy(lo_np), torch.from_numpy(hi_np)
             span = torch.clamp(hi - lo, min=EPS)
             if self.floor is not None:
-                if len(self.floor) != img.shape[0]:
-                    raise ValueError(f"normaliser floor has {len(self.floor)} channels, image {img.shape[0]}")
-                span = span + torch.tensor(self.floor, dtype=span.dtype)
+                span = span + self._floor()
             return (img - lo[:, None, None]) / span[:, None, None]
         if self.lo is None or self.hi is None:
             raise RuntimeError("dataset normaliser used before it was fitted")
         offset, scale = self._affine()
         return (img - offset).mul_(scale)
+
+    def _floor(self) -> torch.Tensor:
+        """The per-channel floor as a cached `[C]` tensor (built once per process, not per image)."""
+        cached = self.__dict__.get("_floor_t")
+        if cached is None:
+            cached = torch.tensor(self.floor, dtype=torch.float32)
+            object.__setattr__(self, "_floor_t", cached)
+        return cached
 
     def _affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached `[C, 1, 1]` offset and 1/range tensors (built once per process, not per image)."""
