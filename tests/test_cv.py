@@ -110,3 +110,23 @@ def test_cv_seeds_repeat_each_fold_on_the_same_split(tmp_path, tiny_experiment, 
     assert vals[0] == vals[1] and vals[2] == vals[3] and not vals[0] & vals[2]  # seeds share their fold's split
     s = json.loads((cv_dir / "cv_summary.json").read_text())
     assert s["runs_done"] == 4 and s["val"]["cls_auc"]["n"] == 4
+
+
+def test_cv_pool_follows_the_config_lists_rules():
+    from cellmtl.config import config_from_dict
+    from cellmtl.cv import cv_pool
+
+    records = [rec(f"s{i}", i % 2 == 0, f"g{i // 2}") for i in range(8)]
+
+    def pool(**lists):
+        cfg = config_from_dict({"data": {"manifest": "m.csv", **lists}})
+        used, test = cv_pool(cfg, records)
+        return sorted(r.stack_id for r in used), sorted(test)
+
+    assert pool(test_stacks=["s6", "s7"]) == (["s0", "s1", "s2", "s3", "s4", "s5"], ["s6", "s7"])
+    assert pool(train_stacks=["s0", "s1"], val_stacks=["s2", "s3"], test_stacks=["s4"]) == (
+        ["s0", "s1", "s2", "s3"], ["s4"])  # unlisted stacks are left out when a train list is given
+    with pytest.raises(BadInputError, match="already in train"):
+        pool(train_stacks=["s0", "s1"], test_stacks=["s1"])  # one stack cannot be both pooled and held out
+    with pytest.raises(BadInputError, match="unknown stack_id 'zz'"):
+        pool(val_stacks=["zz"])

@@ -26,7 +26,7 @@ import numpy as np
 from cellmtl.config import Config, config_from_dict, config_to_dict
 from cellmtl.data.dataset import load_records
 from cellmtl.data.manifest import StackRecord
-from cellmtl.data.splits import auto_split
+from cellmtl.data.splits import auto_split, splits_from_lists
 from cellmtl.errors import BadInputError
 from cellmtl.inference import write_csv
 from cellmtl.metrics import compute_metrics
@@ -92,11 +92,10 @@ def cv_pool(cfg: Config, records: Sequence[StackRecord]) -> tuple[list[StackReco
     d = cfg.data
     known = {r.stack_id for r in records}
     if d.train_stacks or d.val_stacks or d.test_stacks:
-        for sid in [*d.train_stacks, *d.val_stacks, *d.test_stacks]:
-            if sid not in known:
-                raise BadInputError(f"config data.*_stacks: unknown stack_id {sid!r}")
-        test = set(d.test_stacks)
-        used = set(d.train_stacks) | set(d.val_stacks) if d.train_stacks else known - test
+        # the lists' own rules (unknown ids, a stack in two lists, unlisted stacks) as a normal run applies them
+        listed = splits_from_lists(records, d.train_stacks, d.val_stacks, d.test_stacks)
+        test = {s for s, sp in listed.items() if sp == "test"}
+        used = set(listed) - test
     elif any(r.split for r in records):
         test = {r.stack_id for r in records if r.split == "test"}
         used = known - test

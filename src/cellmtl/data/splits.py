@@ -18,7 +18,7 @@ from cellmtl.errors import BadInputError
 log = logging.getLogger(__name__)
 
 
-def _from_lists(
+def splits_from_lists(
     records: Sequence[StackRecord], train: Sequence[str], val: Sequence[str], test: Sequence[str]
 ) -> dict[str, str]:
     known = {r.stack_id for r in records}
@@ -94,7 +94,7 @@ def assign_splits(
     """stack_id -> 'train' | 'val' | 'test' (stacks left out are absent). Raises BadInputError when a
     split would be empty, or hold one class only when classification needs both."""
     if train_stacks or val_stacks or test_stacks:
-        splits = _from_lists(records, train_stacks, val_stacks, test_stacks)
+        splits = splits_from_lists(records, train_stacks, val_stacks, test_stacks)
         source = "config data.*_stacks"
     elif any(r.split for r in records):
         splits = {r.stack_id: (r.split or "train") for r in records}
