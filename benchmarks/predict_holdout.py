@@ -21,31 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
+from holdout_common import make_data, train_run
 
-HERE = Path(__file__).resolve().parent
 ONSET_TOLERANCE_H = 2.0
-
-
-def train_run(data: Path, out: Path, seed: int, overrides: list[str]) -> Path:
-    """Train with quality_holdout.py's defaults (resnet18, image_size 96, 12 epochs); returns the run folder."""
-    cfg = {
-        "experiment_name": f"predict_holdout_seed{seed}",
-        "output_dir": str(out / "runs"),
-        "seed": seed,
-        "data": {"manifest": str(data / "manifest.csv"), "image_size": 96},
-        "model": {"name": "resnet18"},
-        "training": {"epochs": 12, "progress": False},
-    }
-    cfg_path = out / f"config_seed{seed}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "cellmtl", "train", "--config", str(cfg_path)]
-    for o in overrides:
-        cmd += ["--set", o]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(proc.stderr)
-    return Path(proc.stdout.strip().splitlines()[-1])
 
 
 def held_out_manifest(manifest: Path) -> tuple[Path, dict[str, dict]]:
@@ -92,16 +70,10 @@ def main() -> None:
     ap.add_argument("--run", type=Path, help="a run trained on this seed's data already (skips training)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    data = args.out / f"data_seed{args.seed}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    if not (data / "manifest.csv").is_file():
-        subprocess.run(
-            [sys.executable, str(HERE / "holdout_experiment.py"), "--out", str(data), "--seed", str(args.seed)],
-            check=True,
-            capture_output=True,
-        )
-    run = args.run or train_run(data, args.out, args.seed, args.overrides)
-    manifest, truth = held_out_manifest(data / "manifest.csv")
+    data_manifest = make_data(args.out / f"data_seed{args.seed}", args.seed)
+    run = args.run or train_run(data_manifest, args.out, f"predict_holdout_seed{args.seed}", args.seed,
+                                args.overrides)
+    manifest, truth = held_out_manifest(data_manifest)
     pred = args.out / f"pred_seed{args.seed}_{args.checkpoint}.csv"
     subprocess.run(
         [sys.executable, "-m", "cellmtl", "predict", "--checkpoint", str(run / "checkpoints" / f"{args.checkpoint}.pt"),
