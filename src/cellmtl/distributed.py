@@ -106,6 +106,15 @@ def all_sum(values: list[float], ctx: DistContext, device: torch.device) -> list
     return t.tolist()
 
 
+def mean_over_ranks(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """The element-wise mean of a (detached) tensor over the ranks; `t` itself without DDP."""
+    if not ctx.enabled:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t / ctx.world_size
+
+
 def gather_objects(obj: Any, ctx: DistContext) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank."""
     if not ctx.enabled:

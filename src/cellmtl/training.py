@@ -7,6 +7,7 @@ kept as `best.pt`; the test split, when there is one, is scored with those weigh
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -262,7 +263,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         model.to(memory_format=torch.channels_last)
     amp_dtype, needs_scaler = autocast_for(device, cfg.training.amp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
-    weighting = weighting_from_config(cfg, device)
+    weighting = weighting_from_config(cfg, device, functools.partial(distributed.mean_over_ranks, ctx=ctx))
     if weighting.parameters():  # uncertainty's log-variances learn with the model, without weight decay
         optimizer.add_param_group({"params": weighting.parameters(), "weight_decay": 0.0})
     steps_per_epoch = max(1, math.ceil(len(train_ds) / ctx.world_size) // cfg.training.batch_size)

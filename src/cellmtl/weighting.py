@@ -22,7 +22,7 @@ the classes hold the state that a checkpoint saves and `--resume` restores.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -147,9 +147,18 @@ def last_shared_weight(model: nn.Module) -> nn.Parameter:
 class GradNormWeighting(FixedWeighting):
     name = "gradnorm"
 
-    def __init__(self, alpha: float = 1.5, lr: float = 1e-3, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        alpha: float = 1.5,
+        lr: float = 1e-3,
+        device: torch.device | str = "cpu",
+        rank_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.alpha = alpha
+        # Under DDP each rank sees its own batch; the update's inputs are averaged over the ranks so that every
+        # rank takes the same step and the weights stay identical (the model's gradients are averaged by DDP).
+        self.rank_mean = rank_mean or (lambda t: t)
         self.wp = nn.Parameter(torch.ones(N_TASKS, device=device))
         self.opt = torch.optim.Adam([self.wp], lr=lr)
         self.initial: torch.Tensor | None = None  # L(0), the first step's losses
@@ -171,15 +180,16 @@ class GradNormWeighting(FixedWeighting):
     def _update(self, task: torch.Tensor, shared: nn.Parameter) -> None:
         """One step of the weights towards the target gradient norms; the model's graph is kept for its
         own backward."""
+        losses = self.rank_mean(task.detach())
         if self.initial is None:
-            self.initial = task.detach().clone()
-        norms = torch.stack([
+            self.initial = losses.clone()
+        norms = self.rank_mean(torch.stack([
             torch.autograd.grad(task[k], shared, retain_graph=True, allow_unused=True)[0].norm()
             if task[k].requires_grad else task.new_zeros(())
             for k in range(N_TASKS)
-        ]).detach()
+        ]).detach())
         g = self.wp * norms  # G_k = ||d(w_k L_k)/dW|| = w_k ||dL_k/dW||
-        target = gradnorm_targets(g, task, self.initial, self.alpha)
+        target = gradnorm_targets(g, losses, self.initial, self.alpha)
         self.opt.zero_grad(set_to_none=True)
         (g - target).abs().sum().backward()
         self.opt.step()
@@ -199,7 +209,12 @@ class GradNormWeighting(FixedWeighting):
         self.opt.load_state_dict(state["opt"])
 
 
-def weighting_from_config(cfg: Config, device: torch.device | str = "cpu") -> FixedWeighting:
+def weighting_from_config(
+    cfg: Config,
+    device: torch.device | str = "cpu",
+    rank_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> FixedWeighting:
+    """`rank_mean` (DDP: the mean of a tensor over the ranks) keeps GradNorm's weights equal on every rank."""
     m = cfg.multitask
     if cfg.task.mode != "multitask" or m.weighting == "fixed":
         # single-task runs keep the loss's own total (the absent task's weight is irrelevant)
@@ -209,4 +224,4 @@ def weighting_from_config(cfg: Config, device: torch.device | str = "cpu") -> Fi
         return UncertaintyWeighting(device)
     if m.weighting == "dwa":
         return DWAWeighting(m.dwa_temperature)
-    return GradNormWeighting(m.gradnorm_alpha, cfg.optimizer.lr, device)
+    return GradNormWeighting(m.gradnorm_alpha, cfg.optimizer.lr, device, rank_mean)
