@@ -55,12 +55,17 @@ def test_cv_resumes_missing_folds_and_summarises(tmp_path, tiny_experiment, caps
         run_cv(cfg, folds=3, on_fold_done=stop_after_first)
     cv_dir = next((Path(cfg.output_dir) / cfg.experiment_name).glob("cv-*"))
     assert not (cv_dir / "cv_summary.json").exists()
+    orphan = cv_dir / "fold2" / "20000101-000000-000000"  # fold 2 killed before its first epoch ended
+    orphan.mkdir(parents=True)
+    (orphan / "config.yaml").write_text("seed: 0\n")
+    (orphan / "train.log").write_text("stacks: ...\n")
 
     trained: list[int] = []
     again = run_cv(cfg, folds=3, on_fold_done=lambda f, s, r: trained.append(f))  # same command, same folder
     assert again == cv_dir and trained == [2, 3]
     runs = sorted(cv_dir.glob("fold*/*/results.json"))
     assert [p.parent.parent.name for p in runs] == ["fold1", "fold2", "fold3"]
+    assert not orphan.exists() and len([p for p in (cv_dir / "fold2").iterdir() if p.is_dir()]) == 1
 
     val_sets = []
     for p in runs:

@@ -17,6 +17,8 @@ import csv
 import hashlib
 import json
 import math
+import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,6 +140,15 @@ def finished_run(folder: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def never_trained(folder: Path) -> list[Path]:
+    """Run folders in `folder` killed before their first epoch ended: no checkpoint and no results.json,
+    only the config, split list and log of a start. Nothing in them can be resumed or summarised."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not (p / "results.json").exists()
+                  and not (p / "checkpoints" / "last.pt").exists() and (p / "config.yaml").exists())
+
+
 def unfinished_run(folder: Path) -> Path | None:
     """The newest run in `folder` killed after at least one epoch (last.pt, no results.json)."""
     runs = sorted(p.parent.parent for p in folder.glob("*/checkpoints/last.pt"))
@@ -196,6 +207,9 @@ def run_cv(
             if partial is not None:
                 run_dir = train(None, resume=partial)
             else:
+                for stale in never_trained(folder):  # else the fold would hold two runs, one of them empty
+                    shutil.rmtree(stale)
+                    print(f"cv: removed {stale} (stopped before its first epoch ended)", file=sys.stderr)
                 run_dir = train(fold_config(plan["config"], plan, cv_dir, fold, seed_no))
             if on_fold_done is not None:
                 on_fold_done(fold, plan["seeds"][seed_no], run_dir)
