@@ -16,7 +16,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def make_data(out: Path, seed: int, stacks: int = 12) -> Path:
-    """Render holdout_experiment.py's experiment into `out` unless it is there; returns the manifest."""
+    """Render holdout_experiment.py's experiment into `out/data_seed{seed}_{stacks}stacks` unless it is there
+    (both scripts then share it); returns the manifest."""
+    out = out / f"data_seed{seed}_{stacks}stacks"
     manifest = out / "manifest.csv"
     if not manifest.is_file():
         subprocess.run(

@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, help="a run trained on this seed's data already (skips training)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    data_manifest = make_data(args.out / f"data_seed{args.seed}", args.seed)
+    data_manifest = make_data(args.out, args.seed)
     run = args.run or train_run(data_manifest, args.out, f"predict_holdout_seed{args.seed}", args.seed,
                                 args.overrides)
     manifest, truth = held_out_manifest(data_manifest)

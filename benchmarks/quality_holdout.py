@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
     aucs, maes = [], []
     for seed in args.seeds:
-        manifest = make_data(args.out / f"data_seed{seed}_{args.stacks}stacks", seed, args.stacks)
+        manifest = make_data(args.out, seed, args.stacks)
         run = train_run(manifest, args.out, f"holdout_seed{seed}", seed, args.overrides)
         res = json.loads((run / "results.json").read_text())
         best = res["best"]
