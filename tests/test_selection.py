@@ -7,7 +7,7 @@ import pytest
 
 from cellmtl import training
 from cellmtl.config import load_config
-from cellmtl.training import is_better
+from cellmtl.training import is_better, selection_hint
 
 
 def test_direction_is_inferred():
@@ -23,6 +23,22 @@ def test_ties_go_to_lower_loss():
     best = {"cls_auc": 1.0, "total_loss": 0.5}
     assert is_better({"cls_auc": 1.0, "total_loss": 0.4}, best, "cls_auc")
     assert not is_better({"cls_auc": 1.0, "total_loss": 0.6}, best, "cls_auc")
+
+
+def test_selection_hint_names_an_epoch_with_a_much_better_time_head():
+    """AUC picks epoch 1 (MAE 5 h) while epoch 3 reached 2 h: the log says so; no note when the gap is small,
+    when selecting by a time metric or by the loss, or without a time head."""
+    hist = [{"val_cls_auc": 1.0, "val_reg_mae": 5.0}, {"val_cls_auc": 0.99, "val_reg_mae": 3.5},
+            {"val_cls_auc": 0.98, "val_reg_mae": 2.0}]
+    note = selection_hint(hist, 1, "cls_auc")
+    assert note is not None and "epoch 3" in note and "2.00 h" in note and "cls_auc 0.980" in note
+    assert "total_loss" in note
+    assert selection_hint(hist, 3, "cls_auc") is None  # best.pt already has the lowest error
+    close = [{"val_cls_auc": 1.0, "val_reg_mae": 5.0}, {"val_cls_auc": 0.9, "val_reg_mae": 4.6}]
+    assert selection_hint(close, 1, "cls_auc") is None  # 0.4 h: under both thresholds
+    assert selection_hint(hist, 1, "total_loss") is None and selection_hint(hist, 1, "reg_mae") is None
+    no_time = [{"val_cls_auc": 1.0, "val_reg_mae": None}, {"val_cls_auc": 0.9, "val_reg_mae": None}]
+    assert selection_hint(no_time, 1, "cls_auc") is None
 
 
 @pytest.mark.slow

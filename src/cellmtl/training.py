@@ -49,7 +49,7 @@ from cellmtl.inference import (
     write_csv,
 )
 from cellmtl.losses import MultiTaskLoss, loss_from_config
-from cellmtl.metrics import compute_metrics, format_metrics, interval_coverage, metric_direction
+from cellmtl.metrics import CLS_METRICS, compute_metrics, format_metrics, interval_coverage, metric_direction
 from cellmtl.models import MultiTaskResNet, build_model, spec_from_config
 from cellmtl.report import write_report
 from cellmtl.reporting import write_run_plots
@@ -637,6 +637,27 @@ def best_val_metrics(s: Setup) -> dict[str, Any]:
     return val_metrics(s.history[s.best_epoch - 1])
 
 
+def selection_hint(history: list[dict[str, Any]], best_epoch: int, select_metric: str) -> str | None:
+    """A note when best.pt was chosen by a classification metric and another epoch's time error was much
+    lower: AUC often saturates in the first epochs, before the time head has learned, and a user reading
+    only best.pt's metrics would not see that a better-balanced epoch exists."""
+    if select_metric not in CLS_METRICS or not 1 <= best_epoch <= len(history):
+        return None
+    maes = [(h.get("val_reg_mae"), e) for e, h in enumerate(history, start=1)]
+    maes = [(float(m), e) for m, e in maes if m is not None and math.isfinite(float(m))]
+    chosen = history[best_epoch - 1].get("val_reg_mae")
+    if not maes or chosen is None or not math.isfinite(float(chosen)):
+        return None
+    low, epoch = min(maes)
+    if float(chosen) - low < max(0.5, 0.2 * float(chosen)):
+        return None
+    other = history[epoch - 1].get(f"val_{select_metric}")
+    other_txt = f", {select_metric} {float(other):.3f}" if other is not None else ""
+    return (f"note: best.pt is epoch {best_epoch} by {select_metric} (reg_mae {float(chosen):.2f} h); epoch {epoch} "
+            f"reached reg_mae {low:.2f} h{other_txt}. If the time estimate matters, select by total_loss "
+            "(training.select_metric) or use last.pt")
+
+
 def finish(s: Setup) -> dict[str, Any]:
     """Score val (and test) with best.pt's weights; write predictions, plots and results.json.
     Under DDP rank 0 alone does this (a single process scoring the whole splits)."""
@@ -668,6 +689,9 @@ def finish(s: Setup) -> dict[str, Any]:
     tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
     tmp.replace(s.run_dir / "results.json")
     s.logger.info("best epoch %d: %s", s.best_epoch, format_metrics(val, VAL_LOG_KEYS))
+    hint = selection_hint(s.history, s.best_epoch, s.cfg.training.select_metric)
+    if hint is not None:
+        s.logger.info(hint)
     return results
 
 
