@@ -167,7 +167,9 @@ class GradNormWeighting(FixedWeighting):
     def combine(self, losses: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
         task = torch.stack([losses["cls"], losses["reg"]])
         w = self.wp.detach().clone()
-        if torch.is_grad_enabled() and task.requires_grad and bool(torch.isfinite(task).all()):
+        # No finiteness test here: under DDP every rank must reach the same collectives; _update decides on
+        # the rank-averaged values, which all ranks share.
+        if torch.is_grad_enabled() and task.requires_grad:
             if self.shared is None:  # found once: the module walk is not per-step work
                 self.shared = last_shared_weight(model)
             self._update(task, self.shared)
@@ -181,13 +183,15 @@ class GradNormWeighting(FixedWeighting):
         """One step of the weights towards the target gradient norms; the model's graph is kept for its
         own backward."""
         losses = self.rank_mean(task.detach())
-        if self.initial is None:
-            self.initial = losses.clone()
         norms = self.rank_mean(torch.stack([
             torch.autograd.grad(task[k], shared, retain_graph=True, allow_unused=True)[0].norm()
             if task[k].requires_grad else task.new_zeros(())
             for k in range(N_TASKS)
         ]).detach())
+        if not bool(torch.isfinite(losses).all() and torch.isfinite(norms).all()):
+            return  # a bad batch (on any rank): no step; the training loop skips it too
+        if self.initial is None:
+            self.initial = losses.clone()
         g = self.wp * norms  # G_k = ||d(w_k L_k)/dW|| = w_k ||dL_k/dW||
         target = gradnorm_targets(g, losses, self.initial, self.alpha)
         self.opt.zero_grad(set_to_none=True)
