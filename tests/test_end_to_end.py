@@ -48,6 +48,7 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     results = json.loads((run / "results.json").read_text())
     assert results["history_length"] == 2 and 1 <= results["best_epoch"] <= 2
     assert set(METRIC_NAMES) <= set(results["best"]) and "test" in results
+    assert results["selection_note"] is None or results["selection_note"].startswith("note: best.pt is epoch")
     metrics = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in metrics] == ["1", "2"]
     assert {"train_total_loss", "train_cls_loss", "train_reg_loss", "val_cls_auc", "val_reg_mae"} <= set(metrics[0])

@@ -91,6 +91,8 @@ def results_section(results: dict[str, Any]) -> str:
     head = (f"<p>best epoch {html.escape(_fmt(results.get('best_epoch')))} of "
             f"{html.escape(_fmt(results.get('history_length')))} by {html.escape(_fmt(results.get('select_metric')))}"
             f"; training wall time {html.escape(_fmt(results.get('wall_time_s')))} s</p>")
+    if results.get("selection_note"):
+        head += f"<p><strong>{html.escape(str(results['selection_note']))}</strong></p>"
     return "<h2>Training results</h2>" + head + _table(["metric", *cols], rows)
 
 

@@ -671,9 +671,11 @@ def finish(s: Setup) -> dict[str, Any]:
         write_run_plots(s.run_dir, s.history, prediction_arrays(s.val_ds.index, val_preds))
     except ValueError as exc:  # e.g. non-finite predictions: keep the run, say why plots are missing
         s.logger.warning("plots not written: %s", exc)
+    hint = selection_hint(s.history, s.best_epoch, s.cfg.training.select_metric)
     results: dict[str, Any] = {
         "run_dir": str(s.run_dir),
         "select_metric": s.cfg.training.select_metric,
+        "selection_note": hint,  # null, or why another epoch may serve the time estimate better
         "best_epoch": s.best_epoch,
         "best": val,
         "final": val_metrics(s.history[-1]),
@@ -689,7 +691,6 @@ def finish(s: Setup) -> dict[str, Any]:
     tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
     tmp.replace(s.run_dir / "results.json")
     s.logger.info("best epoch %d: %s", s.best_epoch, format_metrics(val, VAL_LOG_KEYS))
-    hint = selection_hint(s.history, s.best_epoch, s.cfg.training.select_metric)
     if hint is not None:
         s.logger.info(hint)
     return results
