@@ -68,9 +68,8 @@ def make_setup(manifest: Path, out: Path, args: argparse.Namespace, workers: int
     return training.setup(config_from_dict(raw, "bench_train"))
 
 
-def in_memory_batches(s: training.Setup, n_batches: int) -> list[dict]:
-    """Real batches from the pipeline, kept in memory (on the GPU when there is one)."""
-    loader = training.build_loaders(s)[1]
+def in_memory_batches(s: training.Setup, loader, n_batches: int) -> list[dict]:
+    """Real batches from the pipeline's training `loader`, kept in memory (on the GPU when there is one)."""
     out = []
     for batch in loader:
         out.append({k: v.to(s.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()})
@@ -95,7 +94,7 @@ def measure(args: argparse.Namespace, manifest: Path, out: Path, settings: list[
     main = setups[settings[0]]
     samplers_loaders = {st: training.build_loaders(s)[:2] for st, s in setups.items()}
     n_train = len(samplers_loaders[settings[0]][0]) // args.batch
-    memory = in_memory_batches(main, n_train)
+    memory = in_memory_batches(main, samplers_loaders[settings[0]][1], n_train)
     imgs = sum(len(b["image"]) for b in memory)
     epoch = [1]
 

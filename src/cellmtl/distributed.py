@@ -56,13 +56,13 @@ def init(device_name: str) -> DistContext:
     resolves to CUDA, gloo otherwise (CPU). Returns SINGLE when not launched as several processes."""
     if not requested():
         return SINGLE
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         use_cuda = device_name != "cpu" and not device_name.startswith("mps") and torch.cuda.is_available()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if use_cuda:
             torch.cuda.set_device(local_rank)  # before init: nccl binds each rank to its own GPU
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return DistContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def device_for(ctx: DistContext, device: torch.device) -> torch.device:

@@ -534,7 +534,8 @@ def train_sampler(s: Setup) -> EpochSampler:
 
 def build_loaders(s: Setup) -> tuple[Any, Any, Any, Any]:
     """(train sampler, train loader, val loader, BatchNorm-calibration loader) as `fit` uses them (and
-    benchmarks/bench_train.py measures them). Under DDP the train sampler is this rank's shard."""
+    benchmarks/bench_train.py measures them). Under DDP the train sampler and the val loader cover this
+    rank's shard."""
     cfg, nw = s.cfg, s.cfg.data.num_workers
     sampler: Any = train_sampler(s)
     if s.ctx.enabled:
@@ -542,7 +543,10 @@ def build_loaders(s: Setup) -> tuple[Any, Any, Any, Any]:
     # Full batches only: a last batch of one sample breaks BatchNorm and gives noisy steps.
     train_loader = make_loader(s.train_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
                                sampler=sampler, drop_last=len(sampler) > cfg.training.batch_size, persistent=True)
-    val_loader = make_loader(s.val_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device)
+    # Under DDP each rank predicts its own shard of the val split (validate_sharded gathers the rest).
+    val_ds = torch.utils.data.Subset(s.val_ds, distributed.shard_indices(len(s.val_ds), s.ctx).tolist()) \
+        if s.ctx.enabled else s.val_ds
+    val_loader = make_loader(val_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device)
     calib_loader = make_loader(s.calib_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
                                drop_last=len(s.calib_ds) > cfg.training.batch_size)
     return sampler, train_loader, val_loader, calib_loader
@@ -569,7 +573,7 @@ def fit(s: Setup) -> dict[str, Any]:
         s.weighting.end_epoch(train["train_cls_loss"], train["train_reg_loss"])
         # Under DDP every rank recalibrates on the same frames with the same weights: identical statistics.
         recalibrate_batchnorm(s.model, calib_loader, s.device, cfg.training.bn_recalibration_samples, s.amp_dtype)
-        val, _ = validate_sharded(s, s.val_ds) if s.ctx.enabled else validate(s, s.val_ds, val_loader)
+        val, _ = (validate_sharded if s.ctx.enabled else validate)(s, s.val_ds, val_loader)
         log.info("Epoch %d/%d", epoch, cfg.training.epochs)
         log.info("train - total_loss: %.4f | cls_loss: %.4f | reg_loss: %.4f",
                  train["train_total_loss"], train["train_cls_loss"], train["train_reg_loss"])
@@ -614,14 +618,12 @@ def check_finite_weights(s: Setup, epoch: int) -> None:
                             f"resume from the last checkpoint with a lower optimizer.lr")
 
 
-def validate_sharded(s: Setup, ds: TimeCourseDataset) -> tuple[dict[str, float | None], Predictions]:
-    """DDP validation over the WHOLE split: each rank predicts a disjoint shard, all predictions are
-    gathered to every rank, and every rank scores the same full set (so all ranks agree on the best epoch
-    and on early stopping). Cheaper than every rank predicting everything; exact, since eval-mode outputs
-    do not depend on which frames share a batch."""
-    positions = distributed.shard_indices(len(ds), s.ctx)
-    loader = make_loader(torch.utils.data.Subset(ds, positions.tolist()), batch_size=s.cfg.training.batch_size,
-                         num_workers=0, device=s.device)
+def validate_sharded(s: Setup, ds: TimeCourseDataset, loader) -> tuple[dict[str, float | None], Predictions]:
+    """DDP validation over the WHOLE split: each rank predicts its shard (`loader`, over a Subset of `ds`
+    from build_loaders), all predictions are gathered to every rank, and every rank scores the same full
+    set (so all ranks agree on the best epoch and on early stopping). Cheaper than every rank predicting
+    everything; exact, since eval-mode outputs do not depend on which frames share a batch."""
+    positions = np.asarray(loader.dataset.indices)
     preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype)
     preds = distributed.gather_predictions(preds, positions, len(ds), s.ctx)
     return score(s.model, s.loss_fn, ds.index, preds), preds
@@ -643,17 +645,18 @@ def selection_hint(history: list[dict[str, Any]], best_epoch: int, select_metric
     only best.pt's metrics would not see that a better-balanced epoch exists."""
     if select_metric not in CLS_METRICS or not 1 <= best_epoch <= len(history):
         return None
-    maes = [(h.get("val_reg_mae"), e) for e, h in enumerate(history, start=1)]
-    maes = [(float(m), e) for m, e in maes if m is not None and math.isfinite(float(m))]
-    chosen = history[best_epoch - 1].get("val_reg_mae")
-    if not maes or chosen is None or not math.isfinite(float(chosen)):
+    maes = {e: float(h["val_reg_mae"]) for e, h in enumerate(history, start=1)
+            if h.get("val_reg_mae") is not None and math.isfinite(float(h["val_reg_mae"]))}
+    chosen = maes.get(best_epoch)
+    if chosen is None:
         return None
-    low, epoch = min(maes)
-    if float(chosen) - low < max(0.5, 0.2 * float(chosen)):
+    epoch = min(maes, key=maes.__getitem__)
+    low = maes[epoch]
+    if chosen - low < max(0.5, 0.2 * chosen):
         return None
     other = history[epoch - 1].get(f"val_{select_metric}")
     other_txt = f", {select_metric} {float(other):.3f}" if other is not None else ""
-    return (f"note: best.pt is epoch {best_epoch} by {select_metric} (reg_mae {float(chosen):.2f} h); epoch {epoch} "
+    return (f"note: best.pt is epoch {best_epoch} by {select_metric} (reg_mae {chosen:.2f} h); epoch {epoch} "
             f"reached reg_mae {low:.2f} h{other_txt}. If the time estimate matters, select by total_loss "
             "(training.select_metric) or use last.pt")
 

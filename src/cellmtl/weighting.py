@@ -84,9 +84,12 @@ class FixedWeighting:
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "w": list(self.w)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_name(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"checkpoint weighting {state.get('name')!r} does not match {self.name!r}")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_name(state)
         self.w = [float(v) for v in state["w"]]
 
 
@@ -112,8 +115,7 @@ class UncertaintyWeighting(FixedWeighting):
         return {"name": self.name, "s": self.s.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("name") != self.name:
-            raise ValueError(f"checkpoint weighting {state.get('name')!r} does not match {self.name!r}")
+        self.check_name(state)
         with torch.no_grad():
             self.s.copy_(state["s"].to(self.s.device))
 
@@ -202,11 +204,11 @@ class GradNormWeighting(FixedWeighting):
             self.wp.mul_(N_TASKS / self.wp.sum())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "w": self.wp.detach().cpu().tolist(), "wp": self.wp.detach().cpu().clone(),
+        return {"name": self.name, "wp": self.wp.detach().cpu().clone(),
                 "initial": None if self.initial is None else self.initial.cpu(), "opt": self.opt.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
+        self.check_name(state)  # the weights are `wp` itself; the base class's `w` is not used
         with torch.no_grad():
             self.wp.copy_(state["wp"].to(self.wp.device))
         self.initial = None if state["initial"] is None else state["initial"].to(self.wp.device)
