@@ -185,3 +185,9 @@ def test_export_onnx_matches_pytorch(capsys, tiny_config, tmp_path):
     np.testing.assert_allclose(hours, model.time_hours(ref["time"]).numpy(), atol=1e-4)
     meta = sess.get_modelmeta().custom_metadata_map
     assert json.loads(meta["cellmtl.channels"]) == [0, 1] and meta["cellmtl.image_size"] == "32"
+    # As a user runs it: the exporter's optimiser logs ~20 INFO lines per export, which the CLI keeps quiet
+    # (libraries from WARNING); stdout is the path alone.
+    proc = subprocess.run([sys.executable, "-m", "cellmtl", "export", "--checkpoint", str(ckpt_path), "--format",
+                           "onnx", "--out", str(tmp_path / "m2.onnx")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "m2.onnx") and "INFO" not in proc.stderr, proc.stderr

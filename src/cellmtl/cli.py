@@ -240,7 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning, so they do not steal the cores that DataLoader
     # workers need. Must be set before torch is first imported (commands import it lazily).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    # Our own loggers speak at INFO; libraries (the ONNX exporter's optimiser, for one) only from WARNING,
+    # so a command's stderr holds what the user needs to read.
+    logging.basicConfig(format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("cellmtl").setLevel(logging.INFO)
     try:
         return int(args.func(args) or 0)
     except BadInputError as exc:
