@@ -15,15 +15,15 @@ import yaml
 HERE = Path(__file__).resolve().parent
 
 
-def make_data(out: Path, seed: int, stacks: int = 12) -> Path:
-    """Render holdout_experiment.py's experiment into `out/data_seed{seed}_{stacks}stacks` unless it is there
-    (both scripts then share it); returns the manifest."""
-    out = out / f"data_seed{seed}_{stacks}stacks"
+def make_data(out: Path, seed: int, stacks: int = 12, course: str = "synchronous") -> Path:
+    """Render holdout_experiment.py's experiment into `out/data_{course}_seed{seed}_{stacks}stacks` unless it is
+    there (both scripts then share it); returns the manifest."""
+    out = out / f"data_{course}_seed{seed}_{stacks}stacks"
     manifest = out / "manifest.csv"
     if not manifest.is_file():
         subprocess.run(
             [sys.executable, str(HERE / "holdout_experiment.py"), "--out", str(out), "--seed", str(seed),
-             "--stacks", str(stacks)],
+             "--stacks", str(stacks), "--course", course],
             check=True,
             capture_output=True,
         )
@@ -67,19 +67,3 @@ def mean_baseline(manifest: Path) -> float:
             hours = hours[hours >= onset] - onset
         targets[r["split"]].extend(hours.tolist())
     return float(np.mean(np.abs(np.array(targets["val"]) - np.mean(targets["train"]))))
-
-
-def within_stack_slopes(run: Path) -> dict[str, list[float]]:
-    """Least-squares slope of predicted against true time inside each val stack, grouped by condition: near 1
-    when the time head tracks the clock, near 0 when it gives one value per stack."""
-    frames: dict[str, list[tuple[float, float, str]]] = {}
-    for r in csv.DictReader((run / "predictions_val.csv").open()):
-        if r["time_target"] != "":
-            frames.setdefault(r["stack_id"], []).append(
-                (float(r["time_target"]), float(r["pred_time_hours"]), r["condition"]))
-    slopes: dict[str, list[float]] = {}
-    for rows in frames.values():
-        t, p = np.array([x[0] for x in rows]), np.array([x[1] for x in rows])
-        if len(rows) > 2 and np.ptp(t) > 0:
-            slopes.setdefault(rows[0][2], []).append(float(np.polyfit(t, p, 1)[0]))
-    return slopes

@@ -6,8 +6,15 @@ swell; the camera is an sCMOS-like model (gaussian shot noise, column fixed-patt
 images are not square. It imports nothing from cellmtl, so a bug shared with the generator the tests use cannot hide
 here.
 
+Two infection courses. `synchronous` (default, high MOI; the experiment the acceptance figures were measured on):
+80-95 % of the cells are infected at the onset; the reporter saturates within a few hours and an infected well then
+changes little. `spread` (low MOI, added later as a check): 15-35 % are infected at the onset and the virus spreads
+to their neighbours from 6 h after each cell's infection, so an infected well keeps changing for the whole stack
+(more reporter-positive, rounded and detaching cells every hour), as plaques do. Mock wells are the same in both,
+and `synchronous` renders exactly what it did before `spread` existed (see docs/MULTITASK_LEARNING.md).
+
     python benchmarks/holdout_experiment.py --out DIR [--seed S] [--stacks 12] [--frames 20] [--height 112]
-        [--width 144] [--val 4]
+        [--width 144] [--val 4] [--course synchronous|spread]
 
 writes DIR/stacks/<stack_id>.tif (uint16 ImageJ hyperstacks, axes TCYX, ch0 nuclei, ch1 reporter) and DIR/manifest.csv
 with the columns stack_id, path, condition, infection_onset_hour, frame_interval_hours, start_hour, group, split,
@@ -28,6 +35,13 @@ import tifffile
 
 FRAME_INTERVAL_H = 1.0
 LATE_START_H = 4.0  # start_hour of about a third of the stacks
+# --course spread (low MOI): a fraction of the cells is infected at the onset; a cell releases virus from
+# ECLIPSE_H after its own infection (HSV-1's first progeny appear about 6 h after infection) until it
+# detaches, and infects each uninfected cell within SPREAD_RADIUS of its body radii at SPREAD_RATE per hour.
+COURSES = ("spread", "synchronous")
+ECLIPSE_H = 6.0
+SPREAD_RADIUS = 3.0
+SPREAD_RATE = 0.15
 COLUMNS = (
     "stack_id",
     "path",
@@ -159,8 +173,27 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     np.maximum(img1[y0:y1, x0:x1], ch1, out=img1[y0:y1, x0:x1])
 
 
-def render(rng: np.random.Generator, *, frames: int, height: int, width: int, start: float, onset: float | None):
-    """One stack as uint16 [frames, 2, height, width]; `onset` in hours since start (None: mock)."""
+def _spread(rng: np.random.Generator, cells: list[Cell], now: float, step_h: float) -> None:
+    """Infect uninfected cells near productive ones (course `spread`): a plaque grows from each infected cell."""
+    productive = [c for c in cells if ECLIPSE_H <= now - c.infected_at < c.dies_after]
+    if not productive:
+        return
+    for c in cells:
+        if c.infected_at < math.inf:
+            continue
+        n = sum((p.y - c.y) ** 2 + (p.x - c.x) ** 2 < (SPREAD_RADIUS * p.body_r) ** 2 for p in productive)
+        if n and rng.uniform() < 1.0 - math.exp(-SPREAD_RATE * n * step_h):
+            c.infected_at = now
+            c.dies_after = float(rng.uniform(13.0, 30.0))
+
+
+def render(rng: np.random.Generator, *, frames: int, height: int, width: int, start: float, onset: float | None,
+           course: str = "synchronous"):
+    """One stack as uint16 [frames, 2, height, width]; `onset` in hours since start (None: mock).
+
+    `course`: `synchronous` infects 80-95 % of the cells at the onset (high MOI), so after a few hours an
+    infected well hardly changes; `spread` infects 15-35 % at the onset and the rest from their neighbours
+    (low MOI), so the share of infected, rounding and detaching cells keeps growing for the whole stack."""
     cycle_h = float(rng.uniform(18.0, 22.0))
     look = {
         "nuc_level": float(rng.uniform(2500.0, 7000.0)),
@@ -180,6 +213,8 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
     columns = rng.normal(0.0, 4.0, (2, 1, width))  # sCMOS column fixed pattern, ADU
     hot = rng.uniform(size=(height, width)) < 3e-4
     infect_p = float(rng.uniform(0.8, 0.95))
+    if course == "spread":
+        infect_p = 0.15 + (infect_p - 0.8) * 4.0 / 3.0  # same draw, mapped to 0.15-0.35
 
     n0 = int(rng.integers(17, 21) * height * width / (112 * 144))
     cells: list[Cell] = []
@@ -201,7 +236,8 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
     for f, t_frame in enumerate(times):
         # Advance the culture in 0.5 h steps up to this frame: divisions, random motility.
         while now < t_frame:
-            now = min(now + 0.5, t_frame)
+            step_h = min(0.5, t_frame - now)
+            now += step_h
             for c in list(cells):
                 c.drift = np.clip(c.drift + rng.normal(0.0, 0.35, 2), -5.0, 5.0)
                 if c.next_division <= now and c.infected_at > now:
@@ -214,6 +250,8 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
                             d.infected_at = now + float(rng.exponential(2.0))  # secondary spread
                             d.dies_after = float(rng.uniform(13.0, 30.0))
                         cells.append(d)
+            if course == "spread" and onset is not None and now > onset:
+                _spread(rng, cells, now, step_h)
         area = sum(math.pi * c.body_r**2 for c in cells) / (height * width)
         look["crowding"] = 1.0 / (1.0 + 0.25 * max(area - 0.5, 0.0))  # contact inhibition of spreading
         img0, img1 = np.zeros((height, width)), np.zeros((height, width))
@@ -232,7 +270,8 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
     return np.clip(np.rint(adu), 0, 65535).astype(np.uint16)
 
 
-def write(out: Path, *, seed: int, stacks: int, frames: int, height: int, width: int, val: int) -> Path:
+def write(out: Path, *, seed: int, stacks: int, frames: int, height: int, width: int, val: int,
+          course: str = "synchronous") -> Path:
     """Render the experiment into `out` and return the manifest path; ValueError for impossible arguments."""
     if stacks < 4 or stacks % 2:
         raise ValueError(f"--stacks must be an even number >= 4, got {stacks}")
@@ -257,7 +296,7 @@ def write(out: Path, *, seed: int, stacks: int, frames: int, height: int, width:
         onset = round(float(rng.uniform(1.0, 3.0)), 2) if infected else None
         start = LATE_START_H if pair in late_pairs else 0.0
         stack_id = f"ho{i:02d}"
-        arr = render(rng, frames=frames, height=height, width=width, start=start, onset=onset)
+        arr = render(rng, frames=frames, height=height, width=width, start=start, onset=onset, course=course)
         rel = f"stacks/{stack_id}.tif"
         meta = {"axes": "TCYX", "finterval": FRAME_INTERVAL_H * 3600.0, "unit": "um"}
         tifffile.imwrite(out / rel, arr, imagej=True, metadata=meta)
@@ -290,10 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=112, help="Y, px")
     ap.add_argument("--width", type=int, default=144, help="X, px")
     ap.add_argument("--val", type=int, default=4, help="stacks marked split=val (even; half infected)")
+    ap.add_argument("--course", choices=COURSES, default="synchronous",
+                    help="infection course: synchronous (high MOI, default; the acceptance's experiment) or spread "
+                    "(low MOI)")
     a = ap.parse_args(argv)
     try:
         manifest = write(
-            a.out, seed=a.seed, stacks=a.stacks, frames=a.frames, height=a.height, width=a.width, val=a.val
+            a.out, seed=a.seed, stacks=a.stacks, frames=a.frames, height=a.height, width=a.width, val=a.val,
+            course=a.course,
         )
     except ValueError as e:
         ap.error(str(e))  # exits 2

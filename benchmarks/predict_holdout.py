@@ -4,7 +4,7 @@ see (holdout_experiment.py: 12 stacks, 4 marked val), then `cellmtl predict` on 
 compare each stack's predicted condition and `est_onset_hour` with the truth.
 
     python benchmarks/predict_holdout.py [--seed 0] [--out /tmp/cellmtl_predict_holdout] [--checkpoint last|best]
-        [--run RUN_DIR] [--set key=value ...]
+        [--run RUN_DIR] [--course synchronous|spread] [--set key=value ...]
 
 Acceptance: every stack's condition right, and every infected stack's onset within 2 h. `slope` is the stack's
 `onset_fit_slope` (near 1 when the predicted times track the clock, so that the onset estimate means something).
@@ -68,13 +68,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_predict_holdout"))
     ap.add_argument("--checkpoint", choices=("last", "best"), default="last")
     ap.add_argument("--run", type=Path, help="a run trained on this seed's data already (skips training)")
+    ap.add_argument("--course", choices=("spread", "synchronous"), default="synchronous",
+                    help="the generator's infection course (holdout_experiment.py --course)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    data_manifest = make_data(args.out, args.seed)
-    run = args.run or train_run(data_manifest, args.out, f"predict_holdout_seed{args.seed}", args.seed,
+    data_manifest = make_data(args.out, args.seed, course=args.course)
+    run = args.run or train_run(data_manifest, args.out, f"predict_holdout_{args.course}_seed{args.seed}", args.seed,
                                 args.overrides)
     manifest, truth = held_out_manifest(data_manifest)
-    pred = args.out / f"pred_seed{args.seed}_{args.checkpoint}.csv"
+    pred = args.out / f"pred_{args.course}_seed{args.seed}_{args.checkpoint}.csv"
     subprocess.run(
         [sys.executable, "-m", "cellmtl", "predict", "--checkpoint", str(run / "checkpoints" / f"{args.checkpoint}.pt"),
          "--manifest", str(manifest), "--out", str(pred)],

@@ -49,6 +49,9 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     assert results["history_length"] == 2 and 1 <= results["best_epoch"] <= 2
     assert set(METRIC_NAMES) <= set(results["best"]) and "test" in results
     assert results["selection_note"] is None or results["selection_note"].startswith("note: best.pt is epoch")
+    slopes = [results["best"][k] for k in ("reg_slope_infected", "reg_slope_uninfected")]
+    assert all(isinstance(v, float) for v in slopes)  # every val stack has 3+ timed frames
+    assert (results["time_note"] is None) == all(v >= 0.5 for v in slopes)
     metrics = read_csv(run / "metrics.csv")
     assert [r["epoch"] for r in metrics] == ["1", "2"]
     assert {"train_total_loss", "train_cls_loss", "train_reg_loss", "val_cls_auc", "val_reg_mae"} <= set(metrics[0])

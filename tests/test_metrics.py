@@ -25,6 +25,7 @@ from cellmtl.metrics import (
     format_metrics,
     metric_direction,
     regression_metrics,
+    stack_time_slopes,
 )
 
 SEEDS = [0, 1, 2, 3, 7, 42]
@@ -253,3 +254,46 @@ def test_format_metrics() -> None:
     assert format_metrics(m, ["epochs"]) == "epochs: 3.0000"
     assert format_metrics({"cls_auc": np.float32(0.5)}, ("cls_auc",)) == "cls_auc: 0.5000"
     assert format_metrics(m, []) == ""
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_stack_time_slopes_match_polyfit_per_stack(seed: int) -> None:
+    """Per class, the mean of np.polyfit's slope over stacks; masked frames, stacks with under 3 timed
+    frames and stacks with one time only are left out."""
+    rng = np.random.default_rng(seed)
+    stack, t, p, y, m = [], [], [], [], []
+    expected: dict[int, list[float]] = {0: [], 1: []}
+    for s in range(8):
+        n, label = int(rng.integers(5, 12)), s % 2
+        tt = np.sort(rng.uniform(0, 20, n))
+        pp = rng.uniform(-1, 2) * tt + rng.normal(0, 2, n)
+        mm = np.ones(n, dtype=bool)
+        mm[0] = False  # a pre-onset frame: its time is ignored
+        tt[0] = np.nan
+        expected[label].append(float(np.polyfit(tt[mm], pp[mm], 1)[0]))
+        stack += [f"s{s}"] * n
+        t.append(tt)
+        p.append(pp)
+        m.append(mm)
+        y += [label] * n
+    # left out: two timed frames only, and a stack whose frames share one time
+    stack += ["short"] * 3 + ["flat"] * 4
+    t += [np.array([np.nan, 1.0, 2.0]), np.full(4, 5.0)]
+    p += [np.array([0.0, 9.0, -9.0]), np.arange(4.0)]
+    y += [1] * 7
+    m += [np.array([False, True, True]), np.ones(4, dtype=bool)]
+    out = stack_time_slopes(np.array(stack), np.concatenate(t), np.concatenate(p), np.array(y), np.concatenate(m))
+    assert out["reg_slope_infected"] == pytest.approx(np.mean(expected[1]), rel=1e-9)
+    assert out["reg_slope_uninfected"] == pytest.approx(np.mean(expected[0]), rel=1e-9)
+
+
+def test_stack_time_slopes_flat_head_and_missing_class() -> None:
+    """One value per stack gives slope 0; a head that reads the clock gives 1; a class without stacks None."""
+    t = np.tile(np.arange(6.0), 2)
+    stack = np.repeat(["a", "b"], 6)
+    flat = stack_time_slopes(stack, t, np.repeat([4.0, 7.0], 6), np.ones(12))
+    assert flat == {"reg_slope_infected": 0.0, "reg_slope_uninfected": None}
+    clock = stack_time_slopes(stack, t, t + 3.0, np.zeros(12))
+    assert clock["reg_slope_uninfected"] == pytest.approx(1.0) and clock["reg_slope_infected"] is None
+    with pytest.raises(ValueError, match="time_pred"):
+        stack_time_slopes(stack, t, np.full(12, np.nan), np.ones(12))

@@ -59,9 +59,11 @@ def fake_run(run: Path) -> Path:
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"experiment_name": "demo <&>", "seed": 3,
                                                      "model": {"name": "resnet18"}, "task": {"mode": "multitask"}}))
-    metrics = {"total_loss": 0.5, "cls_auc": 0.9, "cls_acc": 0.8, "reg_mae": 2.5, "reg_mae_infected": None}
+    metrics = {"total_loss": 0.5, "cls_auc": 0.9, "cls_acc": 0.8, "reg_mae": 2.5, "reg_mae_infected": None,
+               "reg_slope_infected": 0.0625}
     (run / "results.json").write_text(json.dumps({"best_epoch": 2, "history_length": 3, "select_metric": "cls_auc",
                                                   "selection_note": "note: best.pt is epoch 2 by cls_auc <x>",
+                                                  "time_note": "note: inside the val infected stacks <y>",
                                                   "best": metrics, "final": metrics, "test": metrics}))
     rng = np.random.default_rng(0)
     infected = np.array([0, 1] * 10)
@@ -92,7 +94,8 @@ def test_report_is_self_contained_and_complete(tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', page), "the page must not load anything from elsewhere"
     assert "demo &lt;&amp;&gt;" in page and "<&>" not in page.split("<style>")[0]  # escaped
     for text in ("Configuration", "Training results", "Evaluation: val", "0.7", "Per stack", "s1", "best epoch 2",
-                 "errors_val.png", "note: best.pt is epoch 2 by cls_auc &lt;x&gt;"):
+                 "errors_val.png", "note: best.pt is epoch 2 by cls_auc &lt;x&gt;",
+                 "note: inside the val infected stacks &lt;y&gt;", "reg_slope_infected"):
         assert text in page, text
 
 

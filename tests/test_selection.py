@@ -7,7 +7,7 @@ import pytest
 
 from cellmtl import training
 from cellmtl.config import load_config
-from cellmtl.training import is_better, selection_hint
+from cellmtl.training import is_better, selection_hint, time_head_note
 
 
 def test_direction_is_inferred():
@@ -39,6 +39,19 @@ def test_selection_hint_names_an_epoch_with_a_much_better_time_head():
     assert selection_hint(hist, 1, "total_loss") is None and selection_hint(hist, 1, "reg_mae") is None
     no_time = [{"val_cls_auc": 1.0, "val_reg_mae": None}, {"val_cls_auc": 0.9, "val_reg_mae": None}]
     assert selection_hint(no_time, 1, "cls_auc") is None
+
+
+def test_time_head_note_names_classes_whose_time_is_flat_inside_stacks():
+    """A note for each class whose within-stack slope at best.pt is under 0.5, none when both follow the clock
+    or the slopes are unknown (no time head, too few frames)."""
+    note = time_head_note({"reg_slope_infected": 0.06, "reg_slope_uninfected": 0.9})
+    assert note is not None and note.startswith("note: ") and "infected stacks (slope 0.06)" in note
+    assert "uninfected" not in note and "est_onset_hour" in note
+    both = time_head_note({"reg_slope_infected": -0.2, "reg_slope_uninfected": 0.4})
+    assert both is not None and "infected stacks (slope -0.20) and uninfected stacks (slope 0.40)" in both
+    assert time_head_note({"reg_slope_infected": 0.8, "reg_slope_uninfected": 1.1}) is None
+    assert time_head_note({"reg_slope_infected": None, "reg_slope_uninfected": None}) is None
+    assert time_head_note({"cls_auc": 0.9}) is None
 
 
 @pytest.mark.slow

@@ -35,6 +35,8 @@ LOG_KEYS = (  # printed with their bootstrap CIs (losses have none)
     "reg_mae_infected",
     "reg_mae_uninfected",
     "reg_coverage90",
+    "reg_slope_infected",  # within-stack slope of predicted on true time (1 = follows the clock); no CI
+    "reg_slope_uninfected",
 )
 
 

@@ -19,6 +19,9 @@ import numpy as np
 CLS_METRICS: tuple[str, ...] = ("cls_auc", "cls_acc", "cls_precision", "cls_recall", "cls_f1")
 REG_METRICS: tuple[str, ...] = ("reg_mae", "reg_rmse", "reg_mse", "reg_mae_infected", "reg_mae_uninfected")
 METRIC_NAMES: tuple[str, ...] = CLS_METRICS + REG_METRICS
+# Diagnostics, not selection metrics: does the time head follow the clock inside a stack? (see stack_time_slopes)
+SLOPE_METRICS: tuple[str, ...] = ("reg_slope_infected", "reg_slope_uninfected")
+MIN_SLOPE_FRAMES = 3
 LOSS_NAMES: tuple[str, ...] = ("total_loss", "cls_loss", "reg_loss")
 LOWER_IS_BETTER: frozenset[str] = frozenset(LOSS_NAMES + REG_METRICS)
 
@@ -169,6 +172,40 @@ def regression_metrics(
         out["reg_mae_infected"] = _mae(p[m & y] - t[m & y])
         out["reg_mae_uninfected"] = _mae(p[m & ~y] - t[m & ~y])
     return out
+
+
+def stack_time_slopes(
+    stack: np.ndarray,
+    time_true: np.ndarray,
+    time_pred: np.ndarray,
+    infected: np.ndarray,
+    mask: np.ndarray | None = None,
+) -> dict[str, float | None]:
+    """Per class, the mean over stacks of the least-squares slope of predicted on true time within the stack.
+
+    MAE alone cannot tell a time head that reads the clock from one that gives every new well a single value
+    near the training mean: both can score 4-5 h. The slope can (about 1 vs about 0), and a slope near 0 means
+    `predict`'s onset estimate for such stacks is not to be trusted. Stacks with fewer than MIN_SLOPE_FRAMES
+    timed frames, or one time only, are left out; a class with no such stack gets None. Inputs are (N,);
+    `mask` marks frames with a time target.
+    """
+    st = np.asarray(stack).reshape(-1)
+    t, p, y = _as_1d(time_true), _as_1d(time_pred), _labels(infected)
+    m = np.ones(len(t), dtype=bool) if mask is None else _as_1d(mask, dtype=bool)
+    _check_same_length(stack=st, time_true=t, time_pred=p, infected=y, mask=m)
+    slopes: dict[bool, list[float]] = {True: [], False: []}
+    for sid in np.unique(st[m]):
+        sel = m & (st == sid)
+        tt = t[sel]
+        if sel.sum() < MIN_SLOPE_FRAMES or np.ptp(tt) == 0:
+            continue
+        _check_finite("time_pred", p[sel])
+        tc = tt - tt.mean()
+        slopes[bool(y[sel][0])].append(float(np.dot(tc, p[sel] - p[sel].mean()) / np.dot(tc, tc)))
+    return {
+        "reg_slope_infected": float(np.mean(slopes[True])) if slopes[True] else None,
+        "reg_slope_uninfected": float(np.mean(slopes[False])) if slopes[False] else None,
+    }
 
 
 def compute_metrics(

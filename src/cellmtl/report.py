@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from cellmtl.metrics import LOSS_NAMES, METRIC_NAMES
+from cellmtl.metrics import LOSS_NAMES, METRIC_NAMES, SLOPE_METRICS
 
 SUMMARY_KEYS = (
     "experiment_name",
@@ -86,13 +86,14 @@ def config_section(cfg: dict[str, Any]) -> str:
 def results_section(results: dict[str, Any]) -> str:
     """Best (val at the selected epoch), final (val at the last epoch) and test metrics side by side."""
     cols = [c for c in ("best", "final", "test") if isinstance(results.get(c), dict)]
-    names = [n for n in (*LOSS_NAMES, *METRIC_NAMES) if any(n in results[c] for c in cols)]
+    names = [n for n in (*LOSS_NAMES, *METRIC_NAMES, *SLOPE_METRICS) if any(n in results[c] for c in cols)]
     rows = [[n, *(results[c].get(n) for c in cols)] for n in names]
     head = (f"<p>best epoch {html.escape(_fmt(results.get('best_epoch')))} of "
             f"{html.escape(_fmt(results.get('history_length')))} by {html.escape(_fmt(results.get('select_metric')))}"
             f"; training wall time {html.escape(_fmt(results.get('wall_time_s')))} s</p>")
-    if results.get("selection_note"):
-        head += f"<p><strong>{html.escape(str(results['selection_note']))}</strong></p>"
+    for key in ("selection_note", "time_note"):
+        if results.get(key):
+            head += f"<p><strong>{html.escape(str(results[key]))}</strong></p>"
     return "<h2>Training results</h2>" + head + _table(["metric", *cols], rows)
 
 

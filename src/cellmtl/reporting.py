@@ -53,6 +53,8 @@ _QUANTITY_LABELS: dict[str, tuple[str, str]] = {
     "reg_mse": ("Time MSE", "MSE (hours²)"),
     "reg_mae_infected": ("Time MAE, infected", "MAE (hours)"),
     "reg_mae_uninfected": ("Time MAE, uninfected", "MAE (hours)"),
+    "reg_slope_infected": ("Time slope within infected stacks", "slope (1 = follows the clock)"),
+    "reg_slope_uninfected": ("Time slope within uninfected stacks", "slope (1 = follows the clock)"),
     "lr": ("Learning rate", "learning rate"),
 }
 

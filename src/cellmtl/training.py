@@ -49,7 +49,14 @@ from cellmtl.inference import (
     write_csv,
 )
 from cellmtl.losses import MultiTaskLoss, loss_from_config
-from cellmtl.metrics import CLS_METRICS, compute_metrics, format_metrics, interval_coverage, metric_direction
+from cellmtl.metrics import (
+    CLS_METRICS,
+    compute_metrics,
+    format_metrics,
+    interval_coverage,
+    metric_direction,
+    stack_time_slopes,
+)
 from cellmtl.models import MultiTaskResNet, build_model, spec_from_config
 from cellmtl.report import write_report
 from cellmtl.reporting import write_run_plots
@@ -464,7 +471,11 @@ def score(
         t_scaled = model.scale_time(hours).cpu()
         losses = loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)), t_scaled, torch.from_numpy(has_time))
     metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
-    metrics.update(compute_metrics(**prediction_arrays(index, preds)))
+    arrays = prediction_arrays(index, preds)
+    metrics.update(compute_metrics(**arrays))
+    if preds.time_pred is not None:
+        metrics.update(stack_time_slopes(index.stack, index.time_target, preds.time_pred, arrays["infected"],
+                                         arrays["time_mask"]))
     if preds.time_std is not None and preds.time_pred is not None:
         metrics["reg_coverage90"] = interval_coverage(index.time_target, preds.time_pred, preds.time_std)
     return metrics
@@ -661,6 +672,24 @@ def selection_hint(history: list[dict[str, Any]], best_epoch: int, select_metric
             "(training.select_metric) or use last.pt")
 
 
+FLAT_SLOPE = 0.5
+
+
+def time_head_note(val: dict[str, Any]) -> str | None:
+    """A note when, at best.pt, the predicted time hardly changes inside the val stacks of a class: the
+    time head then gives each new well about one value (its MAE can still look moderate), and `predict`'s
+    onset estimates for such wells mean little. Measured on a hold-out experiment with 8 training wells
+    (docs: Quality on unseen data), where this was the case for every infected val stack."""
+    flat = [(c, float(val[f"reg_slope_{c}"])) for c in ("infected", "uninfected")
+            if val.get(f"reg_slope_{c}") is not None and float(val[f"reg_slope_{c}"]) < FLAT_SLOPE]
+    if not flat:
+        return None
+    what = " and ".join(f"{c} stacks (slope {v:.2f})" for c, v in flat)
+    return (f"note: inside the val {what} the predicted time hardly follows the clock (1 = it does): the "
+            "time head gives each new well about one value, so do not read time or est_onset_hour from it for "
+            "such wells; more training wells help (docs: Quality on unseen data)")
+
+
 def finish(s: Setup) -> dict[str, Any]:
     """Score val (and test) with best.pt's weights; write predictions, plots and results.json.
     Under DDP rank 0 alone does this (a single process scoring the whole splits)."""
@@ -675,10 +704,12 @@ def finish(s: Setup) -> dict[str, Any]:
     except ValueError as exc:  # e.g. non-finite predictions: keep the run, say why plots are missing
         s.logger.warning("plots not written: %s", exc)
     hint = selection_hint(s.history, s.best_epoch, s.cfg.training.select_metric)
+    time_note = time_head_note(val)
     results: dict[str, Any] = {
         "run_dir": str(s.run_dir),
         "select_metric": s.cfg.training.select_metric,
         "selection_note": hint,  # null, or why another epoch may serve the time estimate better
+        "time_note": time_note,  # null, or which val stacks' predicted time does not follow the clock
         "best_epoch": s.best_epoch,
         "best": val,
         "final": val_metrics(s.history[-1]),
@@ -694,8 +725,9 @@ def finish(s: Setup) -> dict[str, Any]:
     tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
     tmp.replace(s.run_dir / "results.json")
     s.logger.info("best epoch %d: %s", s.best_epoch, format_metrics(val, VAL_LOG_KEYS))
-    if hint is not None:
-        s.logger.info(hint)
+    for note in (hint, time_note):
+        if note is not None:
+            s.logger.info(note)
     return results
 
 
