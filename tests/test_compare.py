@@ -24,6 +24,8 @@ def test_compare_seeds_1_writes_tables_and_prints_folder_last(capsys, tmp_path, 
     assert [r["kind"] for r in rows] == ["deep", "deep", "deep", "classical"]
     assert rows[0]["val_cls_auc"] and rows[0]["val_reg_mae"] and rows[3]["val_cls_auc"] and rows[3]["val_reg_mae"]
     assert rows[1]["val_reg_mae"] == "" and rows[2]["val_cls_auc"] == ""
+    # every row with a time output says whether it reads the clock inside a stack; classification-only has none
+    assert all(rows[i]["val_reg_slope_infected"] != "" for i in (0, 2, 3)) and rows[1]["val_reg_slope_infected"] == ""
     splits = {(Path(r["run_dir"]) / "splits.csv").read_text() for r in rows[:3]}
     assert len(splits) == 1  # the same split in every run
     md = (folder / "comparison.md").read_text()

@@ -84,6 +84,9 @@ def test_cv_resumes_missing_folds_and_summarises(tmp_path, tiny_experiment, caps
         oof = list(csv.DictReader(fh))
     assert len(oof) == s["oof_frames"] and {r["stack_id"] for r in oof} == set().union(*val_sets)
     assert s["oof_pooled"]["cls_auc"] is not None and "± " in (cv_dir / "cv_summary.md").read_text()
+    # the pooled out-of-fold frames also say whether the time head reads the clock inside each stack
+    assert all(isinstance(s["oof_pooled"][k], float) for k in ("reg_slope_infected", "reg_slope_uninfected"))
+    assert s["val"]["reg_slope_infected"]["n"] == 3
 
     # nothing left to train: --resume only rewrites the summary, and prints the folder last
     assert main(["cv", "--resume", str(cv_dir)]) == 0

@@ -179,7 +179,7 @@ def stack_time_slopes(
     time_true: np.ndarray,
     time_pred: np.ndarray,
     infected: np.ndarray,
-    mask: np.ndarray | None = None,
+    time_mask: np.ndarray | None = None,
 ) -> dict[str, float | None]:
     """Per class, the mean over stacks of the least-squares slope of predicted on true time within the stack.
 
@@ -187,11 +187,11 @@ def stack_time_slopes(
     near the training mean: both can score 4-5 h. The slope can (about 1 vs about 0), and a slope near 0 means
     `predict`'s onset estimate for such stacks is not to be trusted. Stacks with fewer than MIN_SLOPE_FRAMES
     timed frames, or one time only, are left out; a class with no such stack gets None. Inputs are (N,);
-    `mask` marks frames with a time target.
+    `time_mask` marks frames with a time target (the keywords match `compute_metrics`).
     """
     st = np.asarray(stack).reshape(-1)
     t, p, y = _as_1d(time_true), _as_1d(time_pred), _labels(infected)
-    m = np.ones(len(t), dtype=bool) if mask is None else _as_1d(mask, dtype=bool)
+    m = np.ones(len(t), dtype=bool) if time_mask is None else _as_1d(time_mask, dtype=bool)
     _check_same_length(stack=st, time_true=t, time_pred=p, infected=y, mask=m)
     slopes: dict[bool, list[float]] = {True: [], False: []}
     for sid in np.unique(st[m]):
