@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cellmtl.inference import stack_summary, theil_sen_slope
+from cellmtl.inference import onset_note, stack_summary, theil_sen_slope
 
 
 def rows_for(stack_id, onset, n=12, prob=0.9, noise=0.0, seed=0, outlier=False):
@@ -49,3 +49,14 @@ def test_theil_sen_slope_by_hand():
     # 10 pairs: the 6 without the wild last point have slope 2, so the median is 2
     assert theil_sen_slope([0, 1, 2, 3, 4], [0, 2, 4, 6, 100]) == pytest.approx(2.0)
     assert theil_sen_slope([1, 1], [0, 5]) is None
+
+
+def test_onset_note_names_stacks_whose_onset_cannot_be_trusted():
+    good = stack_summary(rows_for("a", 2.0))
+    flat = stack_summary([dict(r, pred_time_hours=12.0) for r in rows_for("b", 2.0)])
+    mock = stack_summary([dict(r, prob_infected=0.1) for r in rows_for("m", 0.0)])
+    assert onset_note(good + mock) is None  # slope 1, and a mock has no onset
+    note = onset_note(good + flat + mock)
+    assert note is not None and note.startswith("note: 1 of 2 stacks predicted infected") and "(b)" in note
+    many = [dict(flat[0], stack_id=f"s{i}") for i in range(7)]
+    assert "s0, s1, s2, s3, s4 and 2 more" in onset_note(many)

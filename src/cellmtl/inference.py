@@ -250,6 +250,24 @@ def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
     return out
 
 
+FLAT_ONSET_SLOPE = 0.5  # as training's note on within-stack slopes
+
+
+def onset_note(summary: Sequence[dict]) -> str | None:
+    """A line for the user when stacks predicted infected have `onset_fit_slope` under FLAT_ONSET_SLOPE:
+    their `est_onset_hour` is then an artefact of the frames' clock times, and a number in a CSV column is
+    easy to take at face value."""
+    onset_rows = [r for r in summary if r.get("est_onset_hour", "") != ""]
+    flat = [r["stack_id"] for r in onset_rows
+            if r.get("onset_fit_slope", "") != "" and float(r["onset_fit_slope"]) < FLAT_ONSET_SLOPE]
+    if not flat:
+        return None
+    shown = ", ".join(flat[:5]) + (f" and {len(flat) - 5} more" if len(flat) > 5 else "")
+    return (f"note: {len(flat)} of {len(onset_rows)} stacks predicted infected have onset_fit_slope under "
+            f"{FLAT_ONSET_SLOPE:g} ({shown}): their predicted time hardly follows the clock, so do not trust their "
+            "est_onset_hour")
+
+
 def new_stacks_dataset(
     checkpoint: str | Path,
     manifest: str | Path | None,
@@ -309,5 +327,9 @@ def predict(
     rows = prediction_rows(ds, preds, records)
     out = Path(out)
     write_csv(rows, out)
-    write_csv(stack_summary(rows), out.with_name(f"{out.stem}.stacks.csv"))
+    summary = stack_summary(rows)
+    write_csv(summary, out.with_name(f"{out.stem}.stacks.csv"))
+    note = onset_note(summary)
+    if note is not None:
+        print(note, file=sys.stderr)
     return out
