@@ -297,3 +297,7 @@ def test_stack_time_slopes_flat_head_and_missing_class() -> None:
     assert clock["reg_slope_uninfected"] == pytest.approx(1.0) and clock["reg_slope_infected"] is None
     with pytest.raises(ValueError, match="time_pred"):
         stack_time_slopes(stack, t, np.full(12, np.nan), np.ones(12))
+    # one stack whose pre-onset frames count as uninfected (pre_onset: as_uninfected): each class on its own
+    mixed = stack_time_slopes(np.array(["c"] * 8), np.array([0, 1, 2, 0, 1, 2, 3, 4.0]),
+                              np.array([0, 1, 2, 5, 5, 5, 5, 5.0]), np.array([0, 0, 0, 1, 1, 1, 1, 1]))
+    assert mixed["reg_slope_uninfected"] == pytest.approx(1.0) and mixed["reg_slope_infected"] == pytest.approx(0.0)

@@ -186,7 +186,7 @@ def stack_time_slopes(
     MAE alone cannot tell a time head that reads the clock from one that gives every new well a single value
     near the training mean: both can score 4-5 h. The slope can (about 1 vs about 0), and a slope near 0 means
     `predict`'s onset estimate for such stacks is not to be trusted. Stacks with fewer than MIN_SLOPE_FRAMES
-    timed frames, or one time only, are left out; a class with no such stack gets None. Inputs are (N,);
+    timed frames of the class, or one time only, are left out; a class with no such stack gets None. Inputs are (N,);
     `time_mask` marks frames with a time target (the keywords match `compute_metrics`).
     """
     st = np.asarray(stack).reshape(-1)
@@ -194,14 +194,15 @@ def stack_time_slopes(
     m = np.ones(len(t), dtype=bool) if time_mask is None else _as_1d(time_mask, dtype=bool)
     _check_same_length(stack=st, time_true=t, time_pred=p, infected=y, mask=m)
     slopes: dict[bool, list[float]] = {True: [], False: []}
-    for sid in np.unique(st[m]):
-        sel = m & (st == sid)
-        tt = t[sel]
-        if sel.sum() < MIN_SLOPE_FRAMES or np.ptp(tt) == 0:
-            continue
-        _check_finite("time_pred", p[sel])
-        tc = tt - tt.mean()
-        slopes[bool(y[sel][0])].append(float(np.dot(tc, p[sel] - p[sel].mean()) / np.dot(tc, tc)))
+    for label in (True, False):  # a stack's frames of each class apart (pre_onset: as_uninfected mixes them)
+        for sid in np.unique(st[m & (y == label)]):
+            sel = m & (y == label) & (st == sid)
+            tt = t[sel]
+            if sel.sum() < MIN_SLOPE_FRAMES or np.ptp(tt) == 0:
+                continue
+            _check_finite("time_pred", p[sel])
+            tc = tt - tt.mean()
+            slopes[label].append(float(np.dot(tc, p[sel] - p[sel].mean()) / np.dot(tc, tc)))
     return {
         "reg_slope_infected": float(np.mean(slopes[True])) if slopes[True] else None,
         "reg_slope_uninfected": float(np.mean(slopes[False])) if slopes[False] else None,
