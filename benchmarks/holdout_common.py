@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import yaml
+from holdout_experiment import COURSES  # noqa: F401  (the scripts' --course choices)
 
 HERE = Path(__file__).resolve().parent
 

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from holdout_common import make_data, train_run
+from holdout_common import COURSES, make_data, train_run
 
 ONSET_TOLERANCE_H = 2.0
 
@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_predict_holdout"))
     ap.add_argument("--checkpoint", choices=("last", "best"), default="last")
     ap.add_argument("--run", type=Path, help="a run trained on this seed's data already (skips training)")
-    ap.add_argument("--course", choices=("spread", "synchronous"), default="synchronous",
+    ap.add_argument("--course", choices=COURSES, default="synchronous",
                     help="the generator's infection course (holdout_experiment.py --course)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()

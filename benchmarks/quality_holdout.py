@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from holdout_common import make_data, mean_baseline, train_run
+from holdout_common import COURSES, make_data, mean_baseline, train_run
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_holdout"))
     ap.add_argument("--stacks", type=int, default=12, help="stacks in the experiment (4 of them val)")
-    ap.add_argument("--course", choices=("spread", "synchronous"), default="synchronous",
+    ap.add_argument("--course", choices=COURSES, default="synchronous",
                     help="the generator's infection course (holdout_experiment.py --course)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()

@@ -295,6 +295,11 @@ def test_stack_time_slopes_flat_head_and_missing_class() -> None:
     assert flat == {"reg_slope_infected": 0.0, "reg_slope_uninfected": None}
     clock = stack_time_slopes(stack, t, t + 3.0, np.zeros(12))
     assert clock["reg_slope_uninfected"] == pytest.approx(1.0) and clock["reg_slope_infected"] is None
+    # compute_metrics adds them when it is given the frames' stacks, and only then
+    with_stack = compute_metrics(infected=np.zeros(12), time_true=t, time_pred=t + 3.0, stack=stack)
+    assert with_stack["reg_slope_uninfected"] == pytest.approx(1.0) and with_stack["reg_slope_infected"] is None
+    assert "reg_slope_uninfected" not in compute_metrics(infected=np.zeros(12), time_true=t, time_pred=t + 3.0)
+    assert "reg_slope_uninfected" not in compute_metrics(infected=np.zeros(12), prob=np.full(12, 0.3), stack=stack)
     with pytest.raises(ValueError, match="time_pred"):
         stack_time_slopes(stack, t, np.full(12, np.nan), np.ones(12))
     # one stack whose pre-onset frames count as uninfected (pre_onset: as_uninfected): each class on its own

@@ -31,7 +31,7 @@ from cellmtl.data.manifest import StackRecord
 from cellmtl.data.splits import auto_split, splits_from_lists
 from cellmtl.errors import BadInputError
 from cellmtl.inference import write_csv
-from cellmtl.metrics import compute_metrics, stack_time_slopes
+from cellmtl.metrics import compute_metrics
 from cellmtl.training import train
 
 PLAN = "cv_plan.json"
@@ -239,14 +239,14 @@ def score_rows(rows: Sequence[dict[str, str]]) -> dict[str, float | None]:
     has_prob = labelled[0]["prob_infected"] != ""
     has_time = labelled[0]["pred_time_hours"] != ""
     t_true = np.array([_float(r["time_target"]) for r in labelled])
-    prob = np.array([_float(r["prob_infected"]) for r in labelled]) if has_prob else None
-    if not has_time:
-        return compute_metrics(infected=infected, prob=prob)
-    arrays = {"infected": infected, "time_true": np.nan_to_num(t_true),
-              "time_pred": np.array([_float(r["pred_time_hours"]) for r in labelled]), "time_mask": np.isfinite(t_true)}
-    out = compute_metrics(prob=prob, **arrays)
-    out.update(stack_time_slopes(np.array([r["stack_id"] for r in labelled]), **arrays))
-    return out
+    return compute_metrics(
+        infected=infected,
+        prob=np.array([_float(r["prob_infected"]) for r in labelled]) if has_prob else None,
+        time_true=np.nan_to_num(t_true) if has_time else None,
+        time_pred=np.array([_float(r["pred_time_hours"]) for r in labelled]) if has_time else None,
+        time_mask=np.isfinite(t_true) if has_time else None,
+        stack=np.array([r["stack_id"] for r in labelled]),
+    )
 
 
 def write_summary(cv_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:

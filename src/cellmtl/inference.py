@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
 from cellmtl.data.manifest import StackRecord
+from cellmtl.metrics import FLAT_SLOPE
 from cellmtl.models import MultiTaskResNet
 
 
@@ -250,21 +251,18 @@ def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
     return out
 
 
-FLAT_ONSET_SLOPE = 0.5  # as training's note on within-stack slopes
-
-
 def onset_note(summary: Sequence[dict]) -> str | None:
-    """A line for the user when stacks predicted infected have `onset_fit_slope` under FLAT_ONSET_SLOPE:
+    """A line for the user when stacks predicted infected have `onset_fit_slope` under FLAT_SLOPE:
     their `est_onset_hour` is then an artefact of the frames' clock times, and a number in a CSV column is
     easy to take at face value."""
     onset_rows = [r for r in summary if r.get("est_onset_hour", "") != ""]
     flat = [r["stack_id"] for r in onset_rows
-            if r.get("onset_fit_slope", "") != "" and float(r["onset_fit_slope"]) < FLAT_ONSET_SLOPE]
+            if r.get("onset_fit_slope", "") != "" and float(r["onset_fit_slope"]) < FLAT_SLOPE]
     if not flat:
         return None
     shown = ", ".join(flat[:5]) + (f" and {len(flat) - 5} more" if len(flat) > 5 else "")
     return (f"note: {len(flat)} of {len(onset_rows)} stacks predicted infected have onset_fit_slope under "
-            f"{FLAT_ONSET_SLOPE:g} ({shown}): their predicted time hardly follows the clock, so do not trust their "
+            f"{FLAT_SLOPE:g} ({shown}): their predicted time hardly follows the clock, so do not trust their "
             "est_onset_hour")
 
 

@@ -22,6 +22,7 @@ METRIC_NAMES: tuple[str, ...] = CLS_METRICS + REG_METRICS
 # Diagnostics, not selection metrics: does the time head follow the clock inside a stack? (see stack_time_slopes)
 SLOPE_METRICS: tuple[str, ...] = ("reg_slope_infected", "reg_slope_uninfected")
 MIN_SLOPE_FRAMES = 3
+FLAT_SLOPE = 0.5  # under this, training's and predict's notes say the time output does not follow the clock
 LOSS_NAMES: tuple[str, ...] = ("total_loss", "cls_loss", "reg_loss")
 LOWER_IS_BETTER: frozenset[str] = frozenset(LOSS_NAMES + REG_METRICS)
 
@@ -216,8 +217,10 @@ def compute_metrics(
     time_true: np.ndarray | None = None,
     time_pred: np.ndarray | None = None,
     time_mask: np.ndarray | None = None,
+    stack: np.ndarray | None = None,
 ) -> dict[str, float | None]:
-    """All metrics a run logs: cls_* when ``prob`` is given, reg_* when ``time_pred`` is given.
+    """All metrics a run logs: cls_* when ``prob`` is given, reg_* when ``time_pred`` is given, and the
+    within-stack slopes (``stack_time_slopes``) when ``stack`` (each frame's stack id) is given too.
 
     Single-task runs pass only their head's output and get only its keys. Values are python floats or
     None (JSON-serialisable, never NaN). ``time_pred`` without ``time_true`` is a ValueError.
@@ -229,6 +232,8 @@ def compute_metrics(
         if time_true is None:
             raise ValueError("time_pred given without time_true")
         out.update(regression_metrics(time_true, time_pred, infected=infected, mask=time_mask))
+        if stack is not None:
+            out.update(stack_time_slopes(stack, time_true, time_pred, infected, time_mask))
     return out
 
 

@@ -51,11 +51,12 @@ from cellmtl.inference import (
 from cellmtl.losses import MultiTaskLoss, loss_from_config
 from cellmtl.metrics import (
     CLS_METRICS,
+    FLAT_SLOPE,
+    SLOPE_METRICS,
     compute_metrics,
     format_metrics,
     interval_coverage,
     metric_direction,
-    stack_time_slopes,
 )
 from cellmtl.models import MultiTaskResNet, build_model, spec_from_config
 from cellmtl.report import write_report
@@ -471,11 +472,7 @@ def score(
         t_scaled = model.scale_time(hours).cpu()
         losses = loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)), t_scaled, torch.from_numpy(has_time))
     metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
-    arrays = prediction_arrays(index, preds)
-    metrics.update(compute_metrics(**arrays))
-    if preds.time_pred is not None:
-        metrics.update(stack_time_slopes(index.stack, index.time_target, preds.time_pred, arrays["infected"],
-                                         arrays["time_mask"]))
+    metrics.update(compute_metrics(**prediction_arrays(index, preds), stack=index.stack))
     if preds.time_std is not None and preds.time_pred is not None:
         metrics["reg_coverage90"] = interval_coverage(index.time_target, preds.time_pred, preds.time_std)
     return metrics
@@ -672,16 +669,13 @@ def selection_hint(history: list[dict[str, Any]], best_epoch: int, select_metric
             "(training.select_metric) or use last.pt")
 
 
-FLAT_SLOPE = 0.5
-
-
 def time_head_note(val: dict[str, Any]) -> str | None:
     """A note when, at best.pt, the predicted time hardly changes inside the val stacks of a class: the
     time head then gives each new well about one value (its MAE can still look moderate), and `predict`'s
     onset estimates for such wells mean little. Measured on a hold-out experiment with 8 training wells
     (docs: Quality on unseen data), where this was the case for every infected val stack."""
-    flat = [(c, float(val[f"reg_slope_{c}"])) for c in ("infected", "uninfected")
-            if val.get(f"reg_slope_{c}") is not None and float(val[f"reg_slope_{c}"]) < FLAT_SLOPE]
+    flat = [(k.removeprefix("reg_slope_"), float(val[k])) for k in SLOPE_METRICS
+            if val.get(k) is not None and float(val[k]) < FLAT_SLOPE]
     if not flat:
         return None
     what = " and ".join(f"{c} stacks (slope {v:.2f})" for c, v in flat)
