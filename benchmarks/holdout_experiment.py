@@ -6,15 +6,22 @@ swell; the camera is an sCMOS-like model (gaussian shot noise, column fixed-patt
 images are not square. It imports nothing from cellmtl, so a bug shared with the generator the tests use cannot hide
 here.
 
-Two infection courses. `synchronous` (default, high MOI; the experiment the acceptance figures were measured on):
+Three infection courses. `synchronous` (default, high MOI; the experiment the acceptance figures were measured on):
 80-95 % of the cells are infected at the onset; the reporter saturates within a few hours and an infected well then
 changes little. `spread` (low MOI, added later as a check): 15-35 % are infected at the onset and the virus spreads
 to their neighbours from 6 h after each cell's infection, so an infected well keeps changing for the whole stack
-(more reporter-positive, rounded and detaching cells every hour), as plaques do. Mock wells are the same in both,
-and `synchronous` renders exactly what it did before `spread` existed (see docs/MULTITASK_LEARNING.md).
+(more reporter-positive, rounded and detaching cells every hour), as plaques do. `cascade` (high MOI, added third)
+gives every infected cell the stereotyped HSV-1 programme whose stages do not depend on the well's brightness: a
+nuclear immediate-early reporter (an ICP4 fusion) lights up within the well's lag and saturates by ~6 h, then gathers
+into a replication compartment that grows from 3 h and fills the nucleus by 12 h, pushing the stained chromatin to the
+rim (a ring in the nuclear channel); the cells round up from 8 h; each well runs the programme at its own pace
+(0.9-1.1x). It exists because in `synchronous` even hand-made features cannot tell the time since infection across
+wells (docs/MULTITASK_LEARNING.md, "Quality on unseen data"), so that experiment cannot show whether the training
+defaults learn a time that is in the images. Mock wells follow the same rules in every course, and `synchronous`
+renders exactly what it did before the other courses existed.
 
     python benchmarks/holdout_experiment.py --out DIR [--seed S] [--stacks 12] [--frames 20] [--height 112]
-        [--width 144] [--val 4] [--course synchronous|spread]
+        [--width 144] [--val 4] [--course synchronous|spread|cascade]
 
 writes DIR/stacks/<stack_id>.tif (uint16 ImageJ hyperstacks, axes TCYX, ch0 nuclei, ch1 reporter) and DIR/manifest.csv
 with the columns stack_id, path, condition, infection_onset_hour, frame_interval_hours, start_hour, group, split,
@@ -38,7 +45,7 @@ LATE_START_H = 4.0  # start_hour of about a third of the stacks
 # --course spread (low MOI): a fraction of the cells is infected at the onset; a cell releases virus from
 # ECLIPSE_H after its own infection (HSV-1's first progeny appear about 6 h after infection) until it
 # detaches, and infects each uninfected cell within SPREAD_RADIUS of its body radii at SPREAD_RATE per hour.
-COURSES = ("spread", "synchronous")
+COURSES = ("cascade", "spread", "synchronous")
 ECLIPSE_H = 6.0
 SPREAD_RADIUS = 3.0
 SPREAD_RATE = 0.15
@@ -122,12 +129,21 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     h, w = img0.shape
     tau = now - cell.infected_at  # h since this cell was infected (negative / -inf: not yet)
     k = max(tau, 0.0)
-    rounding = 1.0 - math.exp(-k / 12.0) if tau > 0 else 0.0  # cells retract and round up
-    condense = k / (k + 12.0)  # progressive chromatin condensation: half-way after 12 h of infection
     fade = 1.0 if tau < cell.dies_after else max(0.0, 1.0 - (tau - cell.dies_after) / 2.0)  # detaching
-    reporter = 0.0
-    if tau > look["lag"]:
-        reporter = 1.0 - math.exp(-(tau - look["lag"]) / look["rise_h"])
+    compartment = 0.0  # radius of the viral replication compartment / nucleus radius (course cascade)
+    if look["course"] == "cascade":
+        k *= look["speed"]  # the well's pace of the cascade; tau stays clock time for detaching
+        compartment = 0.75 * min(max((k - 3.0) / 9.0, 0.0), 1.0)  # grows from 3 h, fills the nucleus by 12 h
+        condense = 0.0
+        rounding = min(max((k - 8.0) / 8.0, 0.0), 1.0)  # cytopathic effect from about 8 h
+        # Immediate-early reporter (an ICP4 fusion): nuclear, visible from the well's lag, saturating by ~6 h.
+        reporter = 1.0 - math.exp(-(k - look["lag"]) / 2.0) if k > look["lag"] else 0.0
+    else:
+        rounding = 1.0 - math.exp(-k / 12.0) if tau > 0 else 0.0  # cells retract and round up
+        condense = k / (k + 12.0)  # progressive chromatin condensation: half-way after 12 h of infection
+        reporter = 0.0
+        if tau > look["lag"]:
+            reporter = 1.0 - math.exp(-(tau - look["lag"]) / look["rise_h"])
     age = now - cell.born
     spread = 0.85 + 0.15 * min(age / 4.0, 1.0)  # daughters flatten out over a few hours
     # Cells plated 2 h before imaging keep spreading on the dish: bodies and nuclei flatten out over ~10 h.
@@ -136,7 +152,7 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     body_r = cell.body_r * spread * (1.0 - 0.3 * rounding) * look["crowding"]
     elong = 1.0 + (cell.elong - 1.0) * (1.0 - rounding)
     ax, bx = body_r * math.sqrt(elong), body_r / math.sqrt(elong)
-    nuc_r = cell.body_r * spread * cell.nuc_frac * (1.0 - 0.35 * condense)
+    nuc_r = cell.body_r * spread * cell.nuc_frac * (1.0 - 0.35 * condense) * (1.0 + 0.25 * compartment)
     half = int(ax * 1.25) + 3
     cy, cx = cell.y + cell.drift[0], cell.x + cell.drift[1]
     y0, y1 = max(int(cy) - half, 0), min(int(cy) + half + 1, h)
@@ -156,6 +172,11 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     ny, nx = cy + cell.nuc_shift[0] * body_r, cx + cell.nuc_shift[1] * body_r
     nd = np.hypot(np.arange(y0, y1)[:, None] - ny, (np.arange(x0, x1)[None, :] - nx) * 0.9)
     nucleus = np.clip((nuc_r - nd) / 1.2 + 0.5, 0.0, 1.0)
+    whole_nucleus = nucleus
+    if compartment > 0.0:
+        # The compartment pushes the host chromatin to the nuclear rim: the stained nucleus becomes a ring.
+        rc = np.clip((compartment * nuc_r - nd) / 1.2 + 0.5, 0.0, 1.0)
+        nucleus = nucleus * (1.0 - 0.85 * rc)
     t1, t2, t3 = cell.texture
     chromatin = (
         1.0
@@ -169,6 +190,11 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     # The reporter gathers around the nucleus as infection proceeds (perinuclear assembly sites).
     cyto = np.clip(body - nucleus, 0.0, 1.0) * (1.2 - (0.3 + 0.6 * condense) * np.clip(rho, 0.0, 1.0))
     ch1 = cyto * cyto_level + body * look["autofluor"] * fade
+    if look["course"] == "cascade":
+        # The nuclear reporter is diffuse in the nucleus, then gathers in the growing compartment.
+        gather = compartment / 0.75
+        inside = whole_nucleus * (1.0 - gather) + (rc * 1.6 * gather if compartment > 0.0 else 0.0)
+        ch1 = inside * cyto_level + body * look["autofluor"] * fade
     np.maximum(img0[y0:y1, x0:x1], ch0, out=img0[y0:y1, x0:x1])
     np.maximum(img1[y0:y1, x0:x1], ch1, out=img1[y0:y1, x0:x1])
 
@@ -193,7 +219,9 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
 
     `course`: `synchronous` infects 80-95 % of the cells at the onset (high MOI), so after a few hours an
     infected well hardly changes; `spread` infects 15-35 % at the onset and the rest from their neighbours
-    (low MOI), so the share of infected, rounding and detaching cells keeps growing for the whole stack."""
+    (low MOI), so the share of infected, rounding and detaching cells keeps growing for the whole stack;
+    `cascade` infects as `synchronous` but each cell then runs the replication-compartment programme (see the
+    module docstring), whose stages are a clock that the well's brightness and focus do not change."""
     cycle_h = float(rng.uniform(18.0, 22.0))
     look = {
         "nuc_level": float(rng.uniform(2500.0, 7000.0)),
@@ -202,6 +230,7 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
         "lag": float(rng.uniform(0.5, 1.5)),
         "rise_h": float(rng.uniform(4.0, 8.0)),  # h; the reporter keeps rising for most of the stack
         "crowding": 1.0,
+        "course": course,
     }
     offset = rng.uniform(380.0, 620.0, 2)
     adu_per_e = rng.uniform(0.3, 0.9)
@@ -215,6 +244,8 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
     infect_p = float(rng.uniform(0.8, 0.95))
     if course == "spread":
         infect_p = 0.15 + (infect_p - 0.8) * 4.0 / 3.0  # same draw, mapped to 0.15-0.35
+    if course == "cascade":  # the reporter's rise_h is not used there: its draw sets the pace, so that every
+        look["speed"] = 0.9 + 0.05 * (look["rise_h"] - 4.0)  # other draw, mock wells included, is synchronous's
 
     n0 = int(rng.integers(17, 21) * height * width / (112 * 144))
     cells: list[Cell] = []
@@ -330,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=144, help="X, px")
     ap.add_argument("--val", type=int, default=4, help="stacks marked split=val (even; half infected)")
     ap.add_argument("--course", choices=COURSES, default="synchronous",
-                    help="infection course: synchronous (high MOI, default; the acceptance's experiment) or spread "
-                    "(low MOI)")
+                    help="infection course: synchronous (high MOI, default; the acceptance's first experiment), spread "
+                    "(low MOI) or cascade (high MOI, a replication-compartment clock in every infected cell)")
     a = ap.parse_args(argv)
     try:
         manifest = write(

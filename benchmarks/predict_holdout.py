@@ -4,7 +4,7 @@ see (holdout_experiment.py: 12 stacks, 4 marked val), then `cellmtl predict` on 
 compare each stack's predicted condition and `est_onset_hour` with the truth.
 
     python benchmarks/predict_holdout.py [--seed 0] [--out /tmp/cellmtl_predict_holdout] [--checkpoint last|best]
-        [--run RUN_DIR] [--course synchronous|spread] [--set key=value ...]
+        [--run RUN_DIR] [--course synchronous|spread|cascade] [--set key=value ...]
 
 Acceptance: every stack's condition right, and every infected stack's onset within 2 h. `slope` is the stack's
 `onset_fit_slope` (near 1 when the predicted times track the clock, so that the onset estimate means something).

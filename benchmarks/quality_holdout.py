@@ -3,7 +3,7 @@
 the defaults (resnet18, image_size 96, 12 epochs), for several seeds.
 
     python benchmarks/quality_holdout.py [--seeds 0 1 2] [--out /tmp/cellmtl_holdout] [--stacks 12]
-        [--course synchronous|spread] [--set key=value ...]
+        [--course synchronous|spread|cascade] [--set key=value ...]
 
 Prints one line per seed and, last, the mean of val cls_auc and reg_mae (hours) at the best epoch,
 with the error of always predicting the training mean time for comparison, and the mean slope of predicted

@@ -1,0 +1,98 @@
+#!/usr/bin/env python
+"""Is the time in the images at all? A hand-made-feature baseline on the hold-out experiment, run before blaming
+(or crediting) the network's training defaults for its time error.
+
+    python benchmarks/holdout_oracle.py [--seeds 0 1 2] [--out /tmp/cellmtl_holdout] [--stacks 12]
+        [--course synchronous|spread|cascade]
+
+For every frame it measures simple per-channel quantities after the same per-image percentile scaling the
+defaults use (object count and median object area after a fixed threshold, bright-area fraction, mean inside
+and over the image, how much of the reporter area lies on nuclei), fits one ridge regression per condition on the
+training stacks and prints, per seed, the val MAE in hours (infected / uninfected) beside the error of always
+predicting the training mean. Where this baseline stays near the mean predictor, the frames do not show the time in
+a way that transfers between wells, and no network default can be expected to find it from the same 8 wells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from holdout_common import COURSES, make_data
+from scipy import ndimage as ndi
+from sklearn.linear_model import RidgeCV
+
+
+def scaled(img: np.ndarray) -> np.ndarray:
+    """The defaults' per-image scaling (1st and 99.8th percentiles to 0 and 1), clipped."""
+    lo, hi = np.percentile(img, [1.0, 99.8])
+    return np.clip((img - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+
+def frame_features(frame: np.ndarray) -> list[float]:
+    """Gain-free measurements of one [2, Y, X] frame (ch0 nuclei, ch1 reporter)."""
+    nuc, rep = scaled(frame[0]), scaled(frame[1])
+    out: list[float] = []
+    masks = []
+    for img, thr, min_px in ((nuc, 0.25, 8), (rep, 0.15, 20)):
+        mask = img > thr
+        labels, _ = ndi.label(mask)
+        areas = np.bincount(labels.ravel())[1:]
+        areas = areas[areas > min_px]
+        out += [len(areas), float(np.median(areas)) if len(areas) else 0.0, mask.mean(),
+                float(img[mask].mean()) if mask.any() else 0.0, img.mean()]
+        masks.append(mask)
+    out.append((masks[0] & masks[1]).mean() / max(masks[1].mean(), 1e-6))
+    return out
+
+
+def table(manifest: Path) -> dict[str, np.ndarray]:
+    """Features, time targets (as the defaults define them: pre-onset frames dropped), condition and split."""
+    x, y, infected, split = [], [], [], []
+    for r in csv.DictReader(manifest.open()):
+        stack = tifffile.imread(manifest.parent / r["path"]).astype(np.float64)
+        start, dt = float(r["start_hour"] or 0.0), float(r["frame_interval_hours"] or 1.0)
+        onset = float(r["infection_onset_hour"]) if r["condition"] == "infected" else None
+        for f in range(stack.shape[0]):
+            hours = start + dt * f
+            if onset is not None and hours < onset:
+                continue
+            x.append(frame_features(stack[f]))
+            y.append(hours - onset if onset is not None else hours)
+            infected.append(onset is not None)
+            split.append(r["split"])
+    return {"x": np.array(x), "y": np.array(y), "infected": np.array(infected), "split": np.array(split)}
+
+
+def oracle_mae(t: dict[str, np.ndarray]) -> tuple[float, float, float, float]:
+    """(val MAE, infected MAE, uninfected MAE, mean-predictor MAE) of a ridge per condition, hours."""
+    pred = np.zeros_like(t["y"])
+    val = t["split"] == "val"
+    for cls in (True, False):
+        tr, va = (t["split"] == "train") & (t["infected"] == cls), val & (t["infected"] == cls)
+        model = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(t["x"][tr], t["y"][tr])
+        pred[va] = model.predict(t["x"][va])
+    err = np.abs(pred - t["y"])
+    mean_err = np.abs(t["y"][val] - t["y"][t["split"] == "train"].mean()).mean()
+    return (float(err[val].mean()), float(err[val & t["infected"]].mean()),
+            float(err[val & ~t["infected"]].mean()), float(mean_err))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_holdout"))
+    ap.add_argument("--stacks", type=int, default=12)
+    ap.add_argument("--course", choices=COURSES, default="synchronous")
+    args = ap.parse_args()
+    for seed in args.seeds:
+        mae, inf, uninf, base = oracle_mae(table(make_data(args.out, seed, args.stacks, args.course)))
+        print(f"seed {seed} ({args.course}): feature ridge val MAE {mae:.2f} h (infected {inf:.2f}, "
+              f"uninfected {uninf:.2f}); mean predictor {base:.2f} h", flush=True)
+
+
+if __name__ == "__main__":
+    main()
