@@ -30,6 +30,11 @@ def test_compare_seeds_1_writes_tables_and_prints_folder_last(capsys, tmp_path, 
     assert len(splits) == 1  # the same split in every run
     md = (folder / "comparison.md").read_text()
     assert "| classical (features + random forests) |" in md and "**" in md and (folder / "comparison.png").is_file()
+    header = next(line for line in md.splitlines() if line.startswith("| mode |"))
+    assert header.endswith("| reg_slope_infected | reg_slope_uninfected |")
+    classical = next(line for line in md.splitlines() if line.startswith("| classical"))
+    slope_cells = classical.rstrip(" |").split(" | ")[-2:]
+    assert slope_cells == [f"{float(rows[3][f'val_{k}']):.3f}" for k in ("reg_slope_infected", "reg_slope_uninfected")]
 
 
 def test_mode_config_keeps_split_and_drops_multitask_only_options(tmp_path, tiny_experiment):
@@ -53,7 +58,8 @@ def test_markdown_marks_best_lower_mae():
     rows = [{"mode": m, "seed": s, "val_reg_mae": v} for m, s, v in
             [("multitask", 0, 2.0), ("multitask", 1, 3.0), ("regression", 0, 1.0), ("regression", 1, 2.0)]]
     md = markdown_summary(rows, {"a": "train"})
-    assert "| regression | – | – | – | **1.500 ± 0.707** |" in md and "| reg_mae | regression | +1.000 |" in md
+    assert "| regression | – | – | – | **1.500 ± 0.707** | – | – | – | – |" in md
+    assert "| reg_mae | regression | +1.000 |" in md
 
 
 def test_image_features_by_hand():
