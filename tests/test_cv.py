@@ -87,6 +87,9 @@ def test_cv_resumes_missing_folds_and_summarises(tmp_path, tiny_experiment, caps
     # the pooled out-of-fold frames also say whether the time head reads the clock inside each stack
     assert all(isinstance(s["oof_pooled"][k], float) for k in ("reg_slope_infected", "reg_slope_uninfected"))
     assert s["val"]["reg_slope_infected"]["n"] == 3
+    md = (cv_dir / "cv_summary.md").read_text()
+    fold_header = next(line for line in md.splitlines() if line.startswith("| fold |"))
+    assert "| reg_slope_infected | reg_slope_uninfected | run |" in fold_header  # per fold too, not only pooled
 
     # nothing left to train: --resume only rewrites the summary, and prints the folder last
     assert main(["cv", "--resume", str(cv_dir)]) == 0

@@ -35,7 +35,8 @@ from cellmtl.metrics import compute_metrics
 from cellmtl.training import train
 
 PLAN = "cv_plan.json"
-MD_FOLD_KEYS = ("cls_auc", "cls_acc", "cls_f1", "reg_mae", "reg_rmse", "reg_mae_infected", "reg_mae_uninfected")
+MD_FOLD_KEYS = ("cls_auc", "cls_acc", "cls_f1", "reg_mae", "reg_rmse", "reg_mae_infected", "reg_mae_uninfected",
+                "reg_slope_infected", "reg_slope_uninfected")
 
 FoldHook = Callable[[int, int, Path], None]
 
