@@ -54,17 +54,22 @@ def train_run(manifest: Path, out: Path, name: str, seed: int, overrides: list[s
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
+def time_targets(row: dict[str, str], n_frames: int) -> np.ndarray:
+    """Each frame's time target in hours as the defaults define it (hours since onset for infected stacks,
+    since the experiment's start for uninfected ones), NaN for pre-onset frames, which the defaults drop."""
+    start, dt = float(row["start_hour"] or 0), float(row["frame_interval_hours"] or 1)
+    hours = start + dt * np.arange(n_frames)
+    if row["condition"] != "infected":
+        return hours
+    onset = float(row["infection_onset_hour"])
+    return np.where(hours >= onset, hours - onset, np.nan)
+
+
 def mean_baseline(manifest: Path) -> float:
-    """MAE (h) of predicting the training split's mean time target for every val frame (pre-onset frames
-    dropped, uninfected frames timed from the experiment's start, as the defaults do)."""
+    """MAE (h) of predicting the training split's mean time target for every val frame."""
     targets: dict[str, list[float]] = {"train": [], "val": []}
     for r in csv.DictReader(manifest.open()):
         with tifffile.TiffFile(manifest.parent / r["path"]) as tif:
-            n_frames = tif.series[0].shape[0]
-        start, dt = float(r["start_hour"] or 0), float(r["frame_interval_hours"] or 1)
-        onset = float(r["infection_onset_hour"]) if r["condition"] == "infected" else None
-        hours = start + dt * np.arange(n_frames)
-        if onset is not None:
-            hours = hours[hours >= onset] - onset
-        targets[r["split"]].extend(hours.tolist())
+            t = time_targets(r, tif.series[0].shape[0])
+        targets[r["split"]].extend(t[np.isfinite(t)].tolist())
     return float(np.mean(np.abs(np.array(targets["val"]) - np.mean(targets["train"]))))

@@ -132,7 +132,9 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     fade = 1.0 if tau < cell.dies_after else max(0.0, 1.0 - (tau - cell.dies_after) / 2.0)  # detaching
     compartment = 0.0  # radius of the viral replication compartment / nucleus radius (course cascade)
     if look["course"] == "cascade":
-        k *= look["speed"]  # the well's pace of the cascade; tau stays clock time for detaching
+        # The well's pace (0.9-1.1x), from the draw of rise_h, which this course does not otherwise use, so that
+        # every other draw, mock wells included, is synchronous's. tau stays clock time for detaching.
+        k *= 0.9 + 0.05 * (look["rise_h"] - 4.0)
         compartment = 0.75 * min(max((k - 3.0) / 9.0, 0.0), 1.0)  # grows from 3 h, fills the nucleus by 12 h
         condense = 0.0
         rounding = min(max((k - 8.0) / 8.0, 0.0), 1.0)  # cytopathic effect from about 8 h
@@ -173,6 +175,7 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     nd = np.hypot(np.arange(y0, y1)[:, None] - ny, (np.arange(x0, x1)[None, :] - nx) * 0.9)
     nucleus = np.clip((nuc_r - nd) / 1.2 + 0.5, 0.0, 1.0)
     whole_nucleus = nucleus
+    rc = 0.0  # the replication compartment's mask
     if compartment > 0.0:
         # The compartment pushes the host chromatin to the nuclear rim: the stained nucleus becomes a ring.
         rc = np.clip((compartment * nuc_r - nd) / 1.2 + 0.5, 0.0, 1.0)
@@ -186,15 +189,15 @@ def _draw(cell: Cell, now: float, frame: tuple[np.ndarray, np.ndarray], look: di
     nuc_level = look["nuc_level"] * cell.brightness * (1.0 + 1.2 * condense) * fade
     cyto_level = look["rep_level"] * cell.expression * reporter * fade
     ch0 = nucleus * chromatin * nuc_level
-    # Cytoplasmic reporter: the body minus the nucleus, brighter towards the nucleus; faint autofluorescence.
-    # The reporter gathers around the nucleus as infection proceeds (perinuclear assembly sites).
-    cyto = np.clip(body - nucleus, 0.0, 1.0) * (1.2 - (0.3 + 0.6 * condense) * np.clip(rho, 0.0, 1.0))
-    ch1 = cyto * cyto_level + body * look["autofluor"] * fade
     if look["course"] == "cascade":
-        # The nuclear reporter is diffuse in the nucleus, then gathers in the growing compartment.
+        # Nuclear reporter: diffuse in the nucleus, then gathering in the growing compartment.
         gather = compartment / 0.75
-        inside = whole_nucleus * (1.0 - gather) + (rc * 1.6 * gather if compartment > 0.0 else 0.0)
-        ch1 = inside * cyto_level + body * look["autofluor"] * fade
+        reporter_px = whole_nucleus * (1.0 - gather) + rc * 1.6 * gather
+    else:
+        # Cytoplasmic reporter: the body minus the nucleus, brighter towards the nucleus. It gathers around the
+        # nucleus as infection proceeds (perinuclear assembly sites).
+        reporter_px = np.clip(body - nucleus, 0.0, 1.0) * (1.2 - (0.3 + 0.6 * condense) * np.clip(rho, 0.0, 1.0))
+    ch1 = reporter_px * cyto_level + body * look["autofluor"] * fade  # plus faint autofluorescence
     np.maximum(img0[y0:y1, x0:x1], ch0, out=img0[y0:y1, x0:x1])
     np.maximum(img1[y0:y1, x0:x1], ch1, out=img1[y0:y1, x0:x1])
 
@@ -244,8 +247,6 @@ def render(rng: np.random.Generator, *, frames: int, height: int, width: int, st
     infect_p = float(rng.uniform(0.8, 0.95))
     if course == "spread":
         infect_p = 0.15 + (infect_p - 0.8) * 4.0 / 3.0  # same draw, mapped to 0.15-0.35
-    if course == "cascade":  # the reporter's rise_h is not used there: its draw sets the pace, so that every
-        look["speed"] = 0.9 + 0.05 * (look["rise_h"] - 4.0)  # other draw, mock wells included, is synchronous's
 
     n0 = int(rng.integers(17, 21) * height * width / (112 * 144))
     cells: list[Cell] = []

@@ -30,6 +30,7 @@ MODES = ("multitask", "classification", "regression")
 CLASSICAL = "classical"
 # The columns of comparison.md (validation, at each run's best epoch); comparison.csv has every metric.
 TABLE_METRICS = ("cls_auc", "cls_acc", "cls_f1", "reg_mae", "reg_mae_infected", "reg_mae_uninfected")
+MD_COLUMNS = TABLE_METRICS + SLOPE_METRICS  # comparison.md; the slopes are shown, never bolded
 
 
 def mode_config(cfg: Config, mode: str, seed: int, runs_dir: Path, splits: dict[str, str] | None) -> Config:
@@ -209,8 +210,8 @@ def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str]) -> 
         "`reg_slope_*`: slope of predicted on true time inside each val stack, mean over stacks (1: the time "
         "output reads the clock in wells it never saw; 0: one value per well, whatever its reg_mae); not bolded.",
         "",
-        "| mode | " + " | ".join(TABLE_METRICS + SLOPE_METRICS) + " |",
-        "| --- | " + " | ".join("---" for _ in TABLE_METRICS + SLOPE_METRICS) + " |",
+        "| mode | " + " | ".join(MD_COLUMNS) + " |",
+        "| --- | " + " | ".join("---" for _ in MD_COLUMNS) + " |",
     ]
     best: dict[str, str] = {}
     for metric in TABLE_METRICS:
@@ -220,7 +221,7 @@ def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str]) -> 
             best[metric] = pick(means, key=means.__getitem__)
     for m in modes:
         cells = []
-        for metric in TABLE_METRICS + SLOPE_METRICS:
+        for metric in MD_COLUMNS:
             v = _values(rows, m, metric)
             if not v:
                 cells.append("–")
