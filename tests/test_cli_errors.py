@@ -203,3 +203,29 @@ def test_predict_on_stacks_with_too_few_channels(capsys, tiny_config, tmp_path):
                            "--out", str(tmp_path / "p.csv"))
     assert_bad_input(code, err, "one_channel", "model's input channels")
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_checkpoint_path_typo_names_the_file_that_is_there(capsys, tmp_path):
+    """`--checkpoint RUN/best.pt` (the file lives in RUN/checkpoints/): exit 2, and the one error line says
+    which path was meant, for export and predict alike; a path with nothing near it gets no guess."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(b"")  # only its existence matters to the hint
+    meant = str(run / "checkpoints" / "best.pt")
+    code, _, err = run_cli(capsys, "export", "--checkpoint", str(run / "best.pt"), "--format", "onnx",
+                           "--out", str(tmp_path / "m.onnx"))
+    assert_bad_input(code, err, str(run / "best.pt"), f"did you mean {meant}?")
+    assert not (tmp_path / "m.onnx").exists()
+    code, _, err = run_cli(capsys, "export", "--checkpoint", str(run), "--format", "onnx",
+                           "--out", str(tmp_path / "m.onnx"))
+    assert_bad_input(code, err, f"did you mean {meant}?")
+    stack = tmp_path / "s.tif"
+    tifffile.imwrite(stack, np.ones((3, 24, 24), np.uint16), imagej=True, metadata={"axes": "TYX"})
+    code, _, err = run_cli(capsys, "predict", "--checkpoint", str(run / "best.pt"), str(stack),
+                           "--out", str(tmp_path / "p.csv"))
+    assert_bad_input(code, err, f"did you mean {meant}?")
+    assert not (tmp_path / "p.csv").exists()
+    code, _, err = run_cli(capsys, "export", "--checkpoint", str(tmp_path / "nowhere.pt"), "--format", "onnx",
+                           "--out", str(tmp_path / "m.onnx"))
+    assert_bad_input(code, err, "checkpoint not found", "nowhere.pt")
+    assert "did you mean" not in err

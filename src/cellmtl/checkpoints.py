@@ -80,13 +80,24 @@ def atomic_save(obj: dict[str, Any], path: Path, *, keep_previous: bool = True) 
     _fsync_dir(path.parent)
 
 
+def _not_found(path: Path) -> BadInputError:
+    """Users often type RUN/best.pt for RUN/checkpoints/best.pt (or pass the run folder itself): name the file
+    that is there, so the one error line says how to fix the command."""
+    hint = ""
+    for guess in (path.parent / "checkpoints" / path.name, path / "checkpoints" / "best.pt"):
+        if guess.is_file():
+            hint = f" (did you mean {guess}?)"
+            break
+    return BadInputError(f"checkpoint not found: {path}{hint}")
+
+
 def resolve_checkpoint(path_or_run: str | Path, which: str = "last") -> Path:
     """A run folder (-> checkpoints/<which>.pt) or a checkpoint file."""
     p = Path(path_or_run)
     if p.is_dir():
         p = p / "checkpoints" / f"{which}.pt"
     if not p.is_file() and not previous_path(p).is_file():
-        raise BadInputError(f"checkpoint not found: {p}")
+        raise _not_found(p)
     return p
 
 
@@ -107,7 +118,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     prev = previous_path(path)
     try:
         if not path.is_file():
-            raise BadInputError(f"checkpoint not found: {path}")
+            raise _not_found(path)
         return _read_checkpoint(path, map_location)
     except BadInputError as exc:
         if not prev.is_file():
