@@ -40,12 +40,13 @@ def tiny_checkpoint(tmp_path: Path, config: Path) -> Path:
     return path
 
 
-def test_bioimageio_package_passes_test_model_and_matches_predict(tiny_config, tmp_path, capsys):
+def test_bioimageio_package_passes_test_model_and_matches_predict(tiny_config, tmp_path, capsys, caplog):
     from bioimageio.core import test_model
 
     ckpt = tiny_checkpoint(tmp_path, tiny_config)
     pkg = tmp_path / "pkg"
     assert main(["export", "--checkpoint", str(ckpt), "--format", "bioimageio", "--out", str(pkg)]) == 0
+    assert "bioimageio.core test_model: passed" in caplog.text  # export tested what it wrote
     assert {"rdf.yaml", "weights.onnx", "test_input.npy", "test_output.npy", "cover.png", "README.md"} <= {
         p.name for p in pkg.iterdir()
     }
@@ -105,3 +106,22 @@ def test_bad_out_paths_are_bad_input(tiny_config, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error:") and "holds no bioimage.io package" in err
     assert (tmp_path / "data" / "keep.txt").read_text() == "mine"
+
+
+def test_export_fails_loudly_when_its_package_does_not_reproduce_cellmtl(
+    tiny_config, tmp_path, capsys, caplog, monkeypatch
+):
+    """A package whose test output disagrees with what its weights compute must not be reported as exported:
+    exit 1, one error line naming the failed test_model check, and the package left for inspection."""
+    from cellmtl import bioimage_package
+
+    true_output = bioimage_package.reference_output
+    monkeypatch.setattr(bioimage_package, "reference_output", lambda *a: true_output(*a) + 0.5)
+    ckpt = tiny_checkpoint(tmp_path, tiny_config)
+    code = main(["export", "--checkpoint", str(ckpt), "--format", "bioimageio", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 1 and len(lines) == 1, err
+    assert "failed bioimageio.core test_model" in lines[0] and "reproduce" in lines[0].lower(), lines[0]
+    assert "test_model: passed" not in caplog.text
+    assert (tmp_path / "p" / "rdf.yaml").is_file()

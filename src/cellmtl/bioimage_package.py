@@ -17,6 +17,7 @@ PyTorch path (Normalizer + model), so `bioimageio.core.test_model` passing means
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 from cellmtl import __version__
 from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
 from cellmtl.data.transforms import Normalizer
-from cellmtl.errors import BadInputError
+from cellmtl.errors import BadInputError, ExportError
 from cellmtl.export import OPSET, onnx_graph
 from cellmtl.models import MultiTaskResNet
 
@@ -295,4 +296,22 @@ def export_bioimageio(checkpoint: str | Path, out: str | Path) -> Path:
             save_bioimageio_package(descr, output_path=out)
         else:
             save_bioimageio_package_as_folder(descr, output_path=out)
+    validate_package(out)
     return out
+
+
+def validate_package(package: Path) -> None:
+    """Run `bioimageio.core.test_model` on the package just written (offline: every file is local). With
+    bioimageio.spec 0.5.12 and pydantic >= 2.14 the `bioimageio` CLI cannot test it outside cellmtl (see
+    `patch_bioimageio_serializers`), so the user gets the verdict here, where the patch is applied."""
+    from bioimageio.core import test_model
+
+    summary = test_model(package / "rdf.yaml" if package.is_dir() else package)
+    if summary.status != "passed":
+        failed = "; ".join(
+            f"{d.name}: {str(d.errors[0].msg)[:200] if d.errors else d.status}"
+            for d in summary.details
+            if d.status == "failed"
+        )
+        raise ExportError(f"the bioimage.io package {package} failed bioimageio.core test_model ({failed})")
+    logging.getLogger(__name__).info("bioimageio.core test_model: passed (%s)", package)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cellmtl import __version__
-from cellmtl.errors import BadInputError, TrainingError
+from cellmtl.errors import BadInputError, ExportError, TrainingError
 
 
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
-    except TrainingError as exc:
+    except (TrainingError, ExportError) as exc:
         if args.debug:
             raise
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)

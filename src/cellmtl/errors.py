@@ -11,3 +11,8 @@ class BadInputError(Exception):
 
 class TrainingError(Exception):
     """A run that cannot go on (e.g. repeated non-finite losses); exits 1 with one ``error:`` line."""
+
+
+class ExportError(Exception):
+    """An exported package that fails its own validation: our bug, not the user's; exits 1 with one
+    ``error:`` line naming the failed checks and where the package was left for inspection."""
