@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import tifffile
 import yaml
-from holdout_experiment import COURSES  # noqa: F401  (the scripts' --course choices)
 
 HERE = Path(__file__).resolve().parent
 
@@ -65,11 +64,19 @@ def time_targets(row: dict[str, str], n_frames: int) -> np.ndarray:
     return np.where(hours >= onset, hours - onset, np.nan)
 
 
+def mean_predictor_mae(targets: np.ndarray, split: np.ndarray) -> float:
+    """MAE (h) of predicting the training split's mean time target for every val frame (NaN targets left out)."""
+    t, split = np.asarray(targets, dtype=float), np.asarray(split)
+    timed = np.isfinite(t)
+    return float(np.mean(np.abs(t[timed & (split == "val")] - t[timed & (split == "train")].mean())))
+
+
 def mean_baseline(manifest: Path) -> float:
-    """MAE (h) of predicting the training split's mean time target for every val frame."""
-    targets: dict[str, list[float]] = {"train": [], "val": []}
+    """`mean_predictor_mae` of a rendered experiment, from its manifest and the stacks' frame counts."""
+    targets, split = [], []
     for r in csv.DictReader(manifest.open()):
         with tifffile.TiffFile(manifest.parent / r["path"]) as tif:
             t = time_targets(r, tif.series[0].shape[0])
-        targets[r["split"]].extend(t[np.isfinite(t)].tolist())
-    return float(np.mean(np.abs(np.array(targets["val"]) - np.mean(targets["train"]))))
+        targets.extend(t.tolist())
+        split.extend([r["split"]] * len(t))
+    return mean_predictor_mae(np.array(targets), np.array(split))

@@ -21,7 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from holdout_common import COURSES, make_data, train_run
+from holdout_common import make_data, train_run
+from holdout_experiment import COURSES
 
 ONSET_TOLERANCE_H = 2.0
 

@@ -19,7 +19,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from holdout_common import COURSES, make_data, mean_baseline, train_run
+from holdout_common import make_data, mean_baseline, train_run
+from holdout_experiment import COURSES
 
 
 def main() -> None:
