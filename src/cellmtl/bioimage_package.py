@@ -165,6 +165,8 @@ def write_cover(image: np.ndarray, expected: np.ndarray, names: list[str], path:
 
 def write_readme(ckpt: dict[str, Any], names: list[str], path: Path) -> Path:
     norm = ckpt["normalizer"]
+    named = ckpt.get("channel_names")
+    names_txt = f": {', '.join(named)}, matched by name across files" if named else ""
     size = int(ckpt["image_size"])
     path.write_text(f"""# cellmtl infection and time model
 
@@ -176,7 +178,7 @@ task mode `{ckpt['model_spec']['mode']}`.
 ## Inputs and outputs
 
 - input `image`: `[batch, channel, y, x]`, uint16 raw intensities, {len(ckpt['channels'])} channel(s) (the
-  training data's channels {ckpt['channels']}), y = x = {size} px. Resize larger images to {size} x {size}
+  training data's channels {ckpt['channels']}{names_txt}), y = x = {size} px. Resize larger images to {size} x {size}
   first (cellmtl uses antialiased bilinear resizing); the model was trained at that size.
 - preprocessing (declared in rdf.yaml): cast to float32, then the training normalisation
   (`{norm['mode']}`, percentiles {norm['percentiles']}), then float32 again.
@@ -195,6 +197,20 @@ cell line or virus than the training data need such a check before the outputs a
     return path
 
 
+def input_channel_names(ckpt: dict[str, Any]) -> list[str]:
+    """The training data's channel names where the manifest named them and bioimage.io accepts them all as
+    identifiers, else `channel<i>` after the channel indices."""
+    from bioimageio.spec.model import v0_5 as bio
+
+    names = ckpt.get("channel_names")
+    if names:
+        try:
+            return [str(bio.Identifier(n)) for n in names]
+        except ValueError:
+            pass
+    return [f"channel{c}" for c in ckpt["channels"]]
+
+
 def build_description(ckpt: dict[str, Any], staging: Path, onnx_path: Path) -> Any:
     """The ModelDescr for files already written into `staging`."""
     from bioimageio.spec.model import v0_5 as bio
@@ -203,7 +219,7 @@ def build_description(ckpt: dict[str, Any], staging: Path, onnx_path: Path) -> A
     size = int(ckpt["image_size"])
     names = output_names(spec["mode"])
     normalizer = Normalizer.from_dict(ckpt["normalizer"])
-    channel_names = [f"channel{c}" for c in ckpt["channels"]]
+    channel_names = input_channel_names(ckpt)
     image = bio.InputTensorDescr(
         id=bio.TensorId("image"),
         description="raw intensities, resized to the training image size",

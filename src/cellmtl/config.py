@@ -101,7 +101,7 @@ class DataConfig(_Strict):
     val_fraction: float = Field(0.25, gt=0.0, lt=1.0, description="automatic split: share of stacks for val")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="automatic split: share of stacks for test")
     frame_interval_hours: float = Field(1.0, gt=0.0)
-    channels: list[int] | None = None
+    channels: list[int] | list[str] | None = None
     image_size: int = Field(128, ge=16, le=2048)
     pre_onset: Literal["drop", "keep", "as_uninfected"] = "drop"
     temporal_context_hours: list[float] | None = Field(
@@ -123,12 +123,16 @@ class DataConfig(_Strict):
 
     @field_validator("channels")
     @classmethod
-    def _channels(cls, v: list[int] | None) -> list[int] | None:
+    def _channels(cls, v: list[int] | list[str] | None) -> list[int] | list[str] | None:
         if v is not None:
             if not v:
-                raise ValueError("channels must be null (all) or a non-empty list of channel indices")
-            if any(c < 0 for c in v) or len(set(v)) != len(v):
-                raise ValueError(f"channels must be distinct non-negative indices, got {v}")
+                raise ValueError("channels must be null (all) or a non-empty list of channel indices or names")
+            if len(set(v)) != len(v):
+                raise ValueError(f"channels must be distinct, got {v}")
+            if any(isinstance(c, int) and c < 0 for c in v):
+                raise ValueError(f"channels must be non-negative indices, got {v}")
+            if any(isinstance(c, str) and not c.strip() for c in v):
+                raise ValueError(f"channel names must not be empty, got {v}")
         return v
 
     @field_validator("temporal_context_hours")

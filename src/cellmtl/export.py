@@ -72,6 +72,7 @@ def add_metadata(path: Path, ckpt: dict) -> None:
     meta = {
         "cellmtl.normalizer": json.dumps(ckpt["normalizer"]),
         "cellmtl.channels": json.dumps(ckpt["channels"]),
+        "cellmtl.channel_names": json.dumps(ckpt.get("channel_names")),  # null: channels were not named
         "cellmtl.image_size": str(ckpt["image_size"]),
         "cellmtl.task_mode": ckpt["model_spec"]["mode"],
         "cellmtl.time_head": ckpt["model_spec"].get("time_head", "shared"),

@@ -46,6 +46,9 @@ class StackInfo:
     dtype: str  # numpy dtype name of the stored data, e.g. 'uint16'
     axes: str  # the file's own axes string, e.g. 'TCYX', 'TZCYX', 'YX'; 'T' + per-file axes for folders
     n_z: int = 1  # Z planes (max-projected on read)
+    # Set when this file orders its channels differently from the experiment's reference stack (channels matched
+    # by name, `cellmtl.data.channels`): the file channel of each reference channel index, -1 where it has none.
+    channel_order: tuple[int, ...] | None = None
 
 
 def natural_key(name: str) -> list[Any]:
@@ -368,6 +371,11 @@ class StackReader:
         if not 0 <= t < info.n_frames:
             raise BadInputError(f"frame {t} out of range for {info.path} with {info.n_frames} frames")
         chans = list(range(info.n_channels)) if channels is None else [int(c) for c in channels]
+        if info.channel_order is not None and channels is not None:  # reference index -> this file's index
+            order = info.channel_order
+            if any(not 0 <= c < len(order) or order[c] < 0 for c in chans):
+                raise BadInputError(f"channels {chans} are not all matched by name in {info.path}")
+            chans = [order[c] for c in chans]
         if any(not 0 <= c < info.n_channels for c in chans):
             raise BadInputError(f"channels {chans} out of range for {info.path} with {info.n_channels} channels")
         self._open()

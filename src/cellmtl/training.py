@@ -366,6 +366,7 @@ def checkpoint_dict(s: Setup, epoch: int) -> dict[str, Any]:
         "splits": dict(s.exp.splits),
         "normalizer": s.normalizer.to_dict(),
         "channels": list(s.exp.channels),
+        "channel_names": s.exp.channel_names,
         "image_size": s.cfg.data.image_size,
         "temporal_context_hours": s.cfg.data.temporal_context_hours,
         "time_shift": float(s.model.time_shift),

@@ -55,7 +55,9 @@ def check_data(cfg: Config) -> str:
         )
     summary = [
         "",
-        f"{len(exp.records)} stacks, channels used {exp.channels}, pre_onset={cfg.data.pre_onset}",
+        f"{len(exp.records)} stacks, channels used {exp.channels}"
+        + (f" ({', '.join(exp.channel_names)}, matched by name)" if exp.channel_names else "")
+        + f", pre_onset={cfg.data.pre_onset}",
     ]
     for sp in frames:
         summary.append(

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cellmtl.config import AugmentConfig, Config, FrameSelection
+from cellmtl.data.channels import match_channels
 from cellmtl.data.manifest import StackRecord, load_manifest, records_from_dirs
 from cellmtl.data.splits import assign_splits
 from cellmtl.data.targets import hours_since_start, select_frames, time_targets
@@ -75,40 +76,27 @@ def stack_index(
     )
 
 
-def probe_records(
-    records: Sequence[StackRecord], channels: Sequence[int] | None, what: str = "data.channels"
-) -> list[StackInfo]:
-    """Probe every stack (shape, dtype, integrity) and check that channels agree across stacks."""
+def probe_records(records: Sequence[StackRecord]) -> list[StackInfo]:
+    """Probe every stack (shape, dtype, integrity); a failure names the stack."""
     infos: list[StackInfo] = []
     for rec in records:
         try:
             infos.append(probe_stack(rec.path))
         except BadInputError as exc:
             raise BadInputError(f"stack_id {rec.stack_id}: {exc}") from None
-    for rec, info in zip(records, infos, strict=False):
-        if channels is not None:
-            bad = [c for c in channels if c >= info.n_channels]
-            if bad:
-                raise BadInputError(
-                    f"stack_id {rec.stack_id} ({rec.path}): {what} {list(channels)} asks for channel "
-                    f"{bad[0]} but the stack has {info.n_channels} channel(s)"
-                )
-        elif info.n_channels != infos[0].n_channels:
-            raise BadInputError(
-                f"stack_id {rec.stack_id} ({rec.path}) has {info.n_channels} channel(s) but stack_id "
-                f"{records[0].stack_id} has {infos[0].n_channels}; set data.channels to pick common ones"
-            )
     return infos
 
 
 @dataclass
 class Experiment:
-    """All stacks of a config, probed, with their split. `channels` is the resolved channel selection."""
+    """All stacks of a config, probed, with their split. `channels` is the resolved channel selection, as
+    indices into the first stack's channels; `channel_names` their names when the manifest names them."""
 
     records: list[StackRecord]
     infos: list[StackInfo]
     splits: dict[str, str]
     channels: list[int]
+    channel_names: list[str] | None = None
 
     def split_records(self, split: str) -> list[int]:
         return [i for i, r in enumerate(self.records) if self.splits.get(r.stack_id) == split]
@@ -156,9 +144,8 @@ def load_experiment(cfg: Config, splits: dict[str, str] | None = None) -> Experi
         seed=cfg.seed,
         need_both_classes=cfg.task.mode != "regression",
     )
-    infos = probe_records(records, d.channels)
-    channels = list(d.channels) if d.channels is not None else list(range(infos[0].n_channels))
-    return Experiment(records, infos, splits, channels)
+    infos, channels, names = match_channels(records, probe_records(records), d.channels)
+    return Experiment(records, infos, splits, channels, names)
 
 
 def sample_pixels(

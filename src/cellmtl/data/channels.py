@@ -1,0 +1,150 @@
+"""Which file channel is which: channels picked by index, or matched by name across files.
+
+Microscopes and export scripts do not always write channels in the same order (one plate saved as
+DAPI|GFP, the next as GFP|DAPI). Picking channels by index then feeds the model a different stain for
+some stacks without any error. A manifest column `channels` naming each file's channels in file order
+(`Mito|PLA|DAPI|ICP4`) makes the order explicit: every stack is then read by name, in the order of
+the first stack (the reference) or of `data.channels` given as names. Without the column, channels are
+indices into every file, as before.
+
+The result is expressed in the reference stack's indices, so the rest of cellmtl (checkpoints, ONNX
+metadata, the normaliser) keeps one list of channel indices; a stack whose order differs gets a
+`StackInfo.channel_order` that its reader uses to fetch the right file channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+
+from cellmtl.data.manifest import StackRecord
+from cellmtl.errors import BadInputError
+from cellmtl.io import StackInfo
+
+CHANNEL_COLUMN = "channels"
+SEPARATOR = "|"
+
+log = logging.getLogger(__name__)
+
+
+def declared_names(rec: StackRecord, info: StackInfo) -> tuple[str, ...] | None:
+    """The stack's channel names from the manifest's `channels` column (None: the cell is empty or absent)."""
+    raw = (rec.extra.get(CHANNEL_COLUMN) or "").strip()
+    if not raw:
+        return None
+    names = tuple(n.strip() for n in raw.split(SEPARATOR))
+    where = f"stack_id {rec.stack_id} ({rec.path}): manifest column {CHANNEL_COLUMN!r} {raw!r}"
+    if any(not n for n in names):
+        raise BadInputError(f"{where} has an empty name; write the names in file order separated by '{SEPARATOR}'")
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise BadInputError(f"{where} names channel {dup!r} twice")
+    if len(names) != info.n_channels:
+        raise BadInputError(f"{where} names {len(names)} channel(s) but the file has {info.n_channels}")
+    return names
+
+
+def _check_indices(records: Sequence[StackRecord], infos: Sequence[StackInfo], selection: Sequence[int] | None,
+                   what: str) -> list[int]:
+    """Index mode (no names anywhere): every stack has the selected channels, or all stacks have as many."""
+    for rec, info in zip(records, infos, strict=True):
+        if selection is not None:
+            bad = [c for c in selection if c >= info.n_channels]
+            if bad:
+                raise BadInputError(
+                    f"stack_id {rec.stack_id} ({rec.path}): {what} {list(selection)} asks for channel "
+                    f"{bad[0]} but the stack has {info.n_channels} channel(s)"
+                )
+        elif info.n_channels != infos[0].n_channels:
+            raise BadInputError(
+                f"stack_id {rec.stack_id} ({rec.path}) has {info.n_channels} channel(s) but stack_id "
+                f"{records[0].stack_id} has {infos[0].n_channels}; set data.channels to pick common ones"
+            )
+    return list(selection) if selection is not None else list(range(infos[0].n_channels))
+
+
+def match_channels(
+    records: Sequence[StackRecord],
+    infos: Sequence[StackInfo],
+    selection: Sequence[int] | Sequence[str] | None,
+    *,
+    names: Sequence[str] | None = None,
+    what: str = "data.channels",
+) -> tuple[list[StackInfo], list[int], list[str] | None]:
+    """(infos, channel indices in the reference stack's order, their names or None).
+
+    `selection`: `data.channels` (indices, names or None for all), or a checkpoint's indices with `names`
+    its channel names (prediction: new stacks that name their channels are matched by those names; new
+    stacks that do not are read at the checkpoint's indices, which is what the first training stack had).
+    Every mismatch is a BadInputError naming the stack."""
+    declared = [declared_names(r, i) for r, i in zip(records, infos, strict=True)]
+    named = [d is not None for d in declared]
+    if any(named) and not all(named):
+        k, j = named.index(True), named.index(False)
+        raise BadInputError(
+            f"stack_id {records[j].stack_id} ({records[j].path}) has no channel names in the manifest's "
+            f"{CHANNEL_COLUMN!r} column but stack_id {records[k].stack_id} has; name every stack's channels or none"
+        )
+    by_name = selection is not None and any(isinstance(c, str) for c in selection)
+    if not any(named):
+        if by_name:
+            raise BadInputError(
+                f"{what} {list(selection or [])} picks channels by name, but the manifest has no {CHANNEL_COLUMN!r} "
+                f"column naming each file's channels in order (e.g. DAPI{SEPARATOR}GFP)"
+            )
+        if names is not None:
+            log.warning(
+                "%s are %s by name; these stacks do not name theirs (manifest column %r), so channels %s are "
+                "read, in the order of the first training stack", what, ", ".join(names), CHANNEL_COLUMN,
+                list(selection or []))
+        return list(infos), _check_indices(records, infos, selection, what), (list(names) if names else None)
+
+    if names is not None:  # a checkpoint's channels, matched by name in new stacks
+        indices, wanted = [int(c) for c in selection or []], list(names)
+    else:
+        ref = declared[0]
+        assert ref is not None
+        if by_name:
+            wanted = [str(c) for c in selection or []]
+            missing = [n for n in wanted if n not in ref]
+            if missing:
+                raise BadInputError(
+                    f"stack_id {records[0].stack_id} ({records[0].path}) has no channel named {missing[0]!r} "
+                    f"(its channels: {SEPARATOR.join(ref)}); {what} is {wanted}"
+                )
+            indices = [ref.index(n) for n in wanted]
+        else:
+            indices = [int(c) for c in selection] if selection is not None else list(range(len(ref)))
+            bad = [c for c in indices if c >= len(ref)]
+            if bad:
+                raise BadInputError(
+                    f"stack_id {records[0].stack_id} ({records[0].path}): {what} {indices} asks for channel "
+                    f"{bad[0]} but the stack has {len(ref)} channel(s) ({SEPARATOR.join(ref)})"
+                )
+            wanted = [ref[c] for c in indices]
+
+    out: list[StackInfo] = []
+    reordered: list[str] = []
+    for rec, info, own in zip(records, infos, declared, strict=True):
+        assert own is not None
+        missing = [n for n in wanted if n not in own]
+        if missing:
+            raise BadInputError(
+                f"stack_id {rec.stack_id} ({rec.path}) has no channel named {missing[0]!r} (its channels: "
+                f"{SEPARATOR.join(own)}); {what} are {', '.join(wanted)}"
+            )
+        files = [own.index(n) for n in wanted]
+        if files == indices:
+            out.append(info)
+            continue
+        order = [-1] * (max(indices) + 1)
+        for ref_c, file_c in zip(indices, files, strict=True):
+            order[ref_c] = file_c
+        reordered.append(f"{rec.stack_id} ({SEPARATOR.join(own)})")
+        out.append(replace(info, channel_order=tuple(order)))
+    if reordered:
+        shown = ", ".join(reordered[:5]) + (f" and {len(reordered) - 5} more" if len(reordered) > 5 else "")
+        log.info("channels %s matched by name; %d of %d stacks store them in another order: %s",
+                 ", ".join(wanted), len(reordered), len(records), shown)
+    return out, indices, wanted
