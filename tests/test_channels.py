@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from cellmtl.cli import main
@@ -16,7 +17,7 @@ from cellmtl.data.channels import match_channels
 from cellmtl.data.dataset import probe_records
 from cellmtl.data.manifest import load_manifest
 from cellmtl.errors import BadInputError
-from cellmtl.io import StackReader
+from cellmtl.io import StackReader, ome_channel_names
 from tests.conftest import SHARED_DATA, tiny_stack, write_config, write_hyperstack
 
 LEVEL = {"DAPI": 100.0, "GFP": 200.0, "RFP": 300.0, "BF": 400.0}  # each stain's constant pixel value
@@ -204,3 +205,60 @@ def test_onnx_metadata_carries_the_channel_names(tmp_path, capsys):
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(meta["cellmtl.channel_names"]) == ["time", "virus"]
     assert json.loads(meta["cellmtl.channels"]) == [0, 1]
+
+
+def ome_stack(path: Path, order: list[str], names: list[str] | None = None) -> Path:
+    """An OME-TIFF whose channel k holds stain order[k]; its OME metadata names them `names` (default: order)."""
+    arr = np.zeros((2, len(order), 8, 8), np.uint16)
+    for c, name in enumerate(order):
+        arr[:, c] = LEVEL[name]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tifffile.imwrite(path, arr, ome=True, metadata={"axes": "TCYX", "Channel": {"Name": names or order}})
+    return path
+
+
+def ome_levels(tmp_path: Path, files: dict[str, tuple[list[str], list[str] | None]], selection):
+    rows = ["stack_id,path,condition"]
+    for sid, (order, names) in files.items():
+        ome_stack(tmp_path / f"{sid}.ome.tif", order, names)
+        rows.append(f"{sid},{sid}.ome.tif,mock")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    records = load_manifest(tmp_path / "m.csv")
+    infos, channels, names = match_channels(records, probe_records(records), selection)
+    levels = []
+    for info in infos:
+        with StackReader(info) as r:
+            levels.append([float(v) for v in r.read(0, channels)[:, 0, 0]])
+    return levels, names
+
+
+def test_ome_channel_names_are_read_and_used_when_every_file_has_them(tmp_path):
+    info = probe_records(load_manifest(manifest(tmp_path / "plain", {"a": None})))[0]
+    assert info.channel_names is None  # ImageJ hyperstack: no names
+    files = {"a": (["DAPI", "GFP", "RFP"], None), "b": (["GFP", "RFP", "DAPI"], None)}
+    levels, names = ome_levels(tmp_path, files, [0])
+    assert names == ["DAPI"] and levels == [[100.0], [100.0]]
+    levels, names = ome_levels(tmp_path / "n", files, ["RFP", "GFP"])
+    assert levels == [[300.0, 200.0]] * 2
+
+
+def test_ome_names_that_differ_between_files_leave_indices_with_a_warning(tmp_path, caplog):
+    files = {"a": (["DAPI", "GFP"], ["DAPI", "GFP"]), "b": (["DAPI", "GFP"], ["Hoechst", "GFP"])}
+    levels, names = ome_levels(tmp_path, files, None)
+    assert names is None and levels == [[100.0, 200.0]] * 2
+    assert any("stack_id b" in r.getMessage() and "by index" in r.getMessage() for r in caplog.records)
+    with pytest.raises(BadInputError) as err:
+        ome_levels(tmp_path / "n", files, ["DAPI"])
+    assert "stack_id b" in str(err.value) and "'DAPI' (its channels, from its OME metadata: Hoechst|GFP)" in str(
+        err.value)
+
+
+@pytest.mark.parametrize(
+    ("xml_names", "n", "expected"),
+    [(["DAPI", "GFP"], 2, ("DAPI", "GFP")), (["DAPI", ""], 2, None), (["A", "A"], 2, None), (["RGB"], 3, None)],
+)
+def test_ome_channel_names_need_one_distinct_name_per_channel(xml_names, n, expected):
+    chans = "".join(f'<Channel ID="Channel:0:{k}" Name="{v}"/>' for k, v in enumerate(xml_names))
+    xml = f'<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image><Pixels>{chans}</Pixels></Image></OME>'
+    assert ome_channel_names(xml, n) == expected
+    assert ome_channel_names("<not xml", n) is None

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import numpy as np
 import tifffile
@@ -49,6 +50,7 @@ class StackInfo:
     # Set when this file orders its channels differently from the experiment's reference stack (channels matched
     # by name, `cellmtl.data.channels`): the file channel of each reference channel index, -1 where it has none.
     channel_order: tuple[int, ...] | None = None
+    channel_names: tuple[str, ...] | None = None  # from OME metadata, when it names every channel distinctly
 
 
 def natural_key(name: str) -> list[Any]:
@@ -179,6 +181,8 @@ def _probe_tiff(path: Path) -> StackInfo:
                     raise BadInputError(f"no image series in TIFF {path}")
                 series = tf.series[0]
                 info = _info_from_axes(path, _tiff_format(series), series.axes, series.shape, series.dtype)
+                if info.format == "ome":
+                    info = replace(info, channel_names=ome_channel_names(tf.ome_metadata, info.n_channels))
                 _check_tiff_complete(tf, series, path)
                 _check_last_ifd(tf, path)
         except BadInputError:
@@ -188,6 +192,24 @@ def _probe_tiff(path: Path) -> StackInfo:
     if errors:
         raise BadInputError(f"corrupted or truncated TIFF {path}: {errors[0]}")
     return info
+
+
+def ome_channel_names(xml: str | None, n_channels: int) -> tuple[str, ...] | None:
+    """The first image's channel names from OME-XML; None unless there is one distinct, non-empty name per
+    channel (an RGB channel of 3 samples, missing or repeated names: no names)."""
+    if not xml:
+        return None
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return None
+    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    names = tuple((ch.get("Name") or "").strip() for ch in pixels if ch.tag.rsplit("}", 1)[-1] == "Channel")
+    if len(names) != n_channels or not all(names) or len(set(names)) != len(names):
+        return None
+    return names
 
 
 def _pil_array(path: Path, verify: bool = False) -> np.ndarray:

@@ -4,7 +4,8 @@ Microscopes and export scripts do not always write channels in the same order (o
 DAPI|GFP, the next as GFP|DAPI). Picking channels by index then feeds the model a different stain for
 some stacks without any error. A manifest column `channels` naming each file's channels in file order
 (`Mito|PLA|DAPI|ICP4`) makes the order explicit: every stack is then read by name, in the order of
-the first stack (the reference) or of `data.channels` given as names. Without the column, channels are
+the first stack (the reference) or of `data.channels` given as names. Without the column, OME-TIFFs
+whose metadata name every channel are matched by those names when all files agree; otherwise channels are
 indices into every file, as before.
 
 The result is expressed in the reference stack's indices, so the rest of cellmtl (checkpoints, ONNX
@@ -77,7 +78,12 @@ def match_channels(
     `selection`: `data.channels` (indices, names or None for all), or a checkpoint's indices with `names`
     its channel names (prediction: new stacks that name their channels are matched by those names; new
     stacks that do not are read at the checkpoint's indices, which is what the first training stack had).
-    Every mismatch is a BadInputError naming the stack."""
+
+    Names come from the manifest's `channels` column, else from the files' OME metadata when every file
+    has them. Manifest names are binding: every mismatch is a BadInputError naming the stack. OME names
+    are the acquisition software's and may differ for the same stain (`DAPI` in one file, `Hoechst` in the
+    next), so where they do not match, channels stay indices (with a warning) unless `data.channels` asks
+    for names."""
     declared = [declared_names(r, i) for r, i in zip(records, infos, strict=True)]
     named = [d is not None for d in declared]
     if any(named) and not all(named):
@@ -87,19 +93,43 @@ def match_channels(
             f"{CHANNEL_COLUMN!r} column but stack_id {records[k].stack_id} has; name every stack's channels or none"
         )
     by_name = selection is not None and any(isinstance(c, str) for c in selection)
-    if not any(named):
-        if by_name:
-            raise BadInputError(
-                f"{what} {list(selection or [])} picks channels by name, but the manifest has no {CHANNEL_COLUMN!r} "
-                f"column naming each file's channels in order (e.g. DAPI{SEPARATOR}GFP)"
-            )
-        if names is not None:
-            log.warning(
-                "%s are %s by name; these stacks do not name theirs (manifest column %r), so channels %s are "
-                "read, in the order of the first training stack", what, ", ".join(names), CHANNEL_COLUMN,
-                list(selection or []))
-        return list(infos), _check_indices(records, infos, selection, what), (list(names) if names else None)
+    if all(named):
+        return _match_by_name(records, infos, declared, selection, names, what, "the manifest")
+    from_files = [i.channel_names for i in infos]
+    if all(n is not None for n in from_files):
+        try:
+            return _match_by_name(records, infos, from_files, selection, names, what, "its OME metadata")
+        except BadInputError as exc:
+            if by_name:
+                raise
+            log.warning("%s; the OME channel names differ between files, so channels are taken by index (a "
+                        "manifest column %r naming each file's channels matches them by name)", exc, CHANNEL_COLUMN)
+            names = None  # said once, above
+    if by_name:
+        raise BadInputError(
+            f"{what} {list(selection or [])} picks channels by name, but the manifest has no {CHANNEL_COLUMN!r} "
+            f"column naming each file's channels in order (e.g. DAPI{SEPARATOR}GFP) and not every file names them "
+            "in OME metadata"
+        )
+    if names is not None:
+        log.warning(
+            "%s are %s by name; these stacks do not name theirs (manifest column %r), so channels %s are "
+            "read, in the order of the first training stack", what, ", ".join(names), CHANNEL_COLUMN,
+            list(selection or []))
+    return list(infos), _check_indices(records, infos, selection, what), None
 
+
+def _match_by_name(
+    records: Sequence[StackRecord],
+    infos: Sequence[StackInfo],
+    declared: Sequence[tuple[str, ...] | None],
+    selection: Sequence[int] | Sequence[str] | None,
+    names: Sequence[str] | None,
+    what: str,
+    source: str,
+) -> tuple[list[StackInfo], list[int], list[str]]:
+    """Every stack names its channels (`declared`): read each by name, in the reference's indices."""
+    by_name = selection is not None and any(isinstance(c, str) for c in selection)
     if names is not None:  # a checkpoint's channels, matched by name in new stacks
         indices, wanted = [int(c) for c in selection or []], list(names)
     else:
@@ -111,7 +141,7 @@ def match_channels(
             if missing:
                 raise BadInputError(
                     f"stack_id {records[0].stack_id} ({records[0].path}) has no channel named {missing[0]!r} "
-                    f"(its channels: {SEPARATOR.join(ref)}); {what} is {wanted}"
+                    f"(its channels, from {source}: {SEPARATOR.join(ref)}); {what} is {wanted}"
                 )
             indices = [ref.index(n) for n in wanted]
         else:
@@ -131,8 +161,8 @@ def match_channels(
         missing = [n for n in wanted if n not in own]
         if missing:
             raise BadInputError(
-                f"stack_id {rec.stack_id} ({rec.path}) has no channel named {missing[0]!r} (its channels: "
-                f"{SEPARATOR.join(own)}); {what} are {', '.join(wanted)}"
+                f"stack_id {rec.stack_id} ({rec.path}) has no channel named {missing[0]!r} (its channels, from "
+                f"{source}: {SEPARATOR.join(own)}); {what} are {', '.join(wanted)}"
             )
         files = [own.index(n) for n in wanted]
         if files == indices:
@@ -145,6 +175,6 @@ def match_channels(
         out.append(replace(info, channel_order=tuple(order)))
     if reordered:
         shown = ", ".join(reordered[:5]) + (f" and {len(reordered) - 5} more" if len(reordered) > 5 else "")
-        log.info("channels %s matched by name; %d of %d stacks store them in another order: %s",
-                 ", ".join(wanted), len(reordered), len(records), shown)
+        log.info("channels %s matched by name (from %s); %d of %d stacks store them in another order: %s",
+                 ", ".join(wanted), source.replace("its ", "the files' "), len(reordered), len(records), shown)
     return out, indices, wanted
