@@ -41,14 +41,19 @@ def manifest(tmp_path: Path, stacks: dict[str, list[str] | None], name: str = "m
     return path
 
 
-def read_levels(tmp_path: Path, stacks: dict[str, list[str] | None], selection) -> tuple[list[list[float]], list]:
-    records = load_manifest(manifest(tmp_path, stacks))
+def matched_levels(manifest_path: Path, selection) -> tuple[list[list[float]], list[str] | None]:
+    """Each stack's first-frame pixel value of every selected channel after matching (stain levels), and the names."""
+    records = load_manifest(manifest_path)
     infos, channels, names = match_channels(records, probe_records(records), selection)
     levels = []
     for info in infos:
         with StackReader(info) as r:
             levels.append([float(v) for v in r.read(0, channels)[:, 0, 0]])
     return levels, names
+
+
+def read_levels(tmp_path: Path, stacks: dict[str, list[str] | None], selection) -> tuple[list[list[float]], list]:
+    return matched_levels(manifest(tmp_path, stacks), selection)
 
 
 def test_names_select_the_same_stains_whatever_the_file_order(tmp_path):
@@ -223,13 +228,7 @@ def ome_levels(tmp_path: Path, files: dict[str, tuple[list[str], list[str] | Non
         ome_stack(tmp_path / f"{sid}.ome.tif", order, names)
         rows.append(f"{sid},{sid}.ome.tif,mock")
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
-    records = load_manifest(tmp_path / "m.csv")
-    infos, channels, names = match_channels(records, probe_records(records), selection)
-    levels = []
-    for info in infos:
-        with StackReader(info) as r:
-            levels.append([float(v) for v in r.read(0, channels)[:, 0, 0]])
-    return levels, names
+    return matched_levels(tmp_path / "m.csv", selection)
 
 
 def test_ome_channel_names_are_read_and_used_when_every_file_has_them(tmp_path):

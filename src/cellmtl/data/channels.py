@@ -119,6 +119,15 @@ def match_channels(
     return list(infos), _check_indices(records, infos, selection, what), None
 
 
+def _check_names(rec: StackRecord, own: Sequence[str], wanted: Sequence[str], source: str, what: str) -> None:
+    missing = [n for n in wanted if n not in own]
+    if missing:
+        raise BadInputError(
+            f"stack_id {rec.stack_id} ({rec.path}) has no channel named {missing[0]!r} (its channels, from "
+            f"{source}: {SEPARATOR.join(own)}); {what} are {', '.join(wanted)}"
+        )
+
+
 def _match_by_name(
     records: Sequence[StackRecord],
     infos: Sequence[StackInfo],
@@ -137,12 +146,7 @@ def _match_by_name(
         assert ref is not None
         if by_name:
             wanted = [str(c) for c in selection or []]
-            missing = [n for n in wanted if n not in ref]
-            if missing:
-                raise BadInputError(
-                    f"stack_id {records[0].stack_id} ({records[0].path}) has no channel named {missing[0]!r} "
-                    f"(its channels, from {source}: {SEPARATOR.join(ref)}); {what} is {wanted}"
-                )
+            _check_names(records[0], ref, wanted, source, what)
             indices = [ref.index(n) for n in wanted]
         else:
             indices = [int(c) for c in selection] if selection is not None else list(range(len(ref)))
@@ -158,12 +162,7 @@ def _match_by_name(
     reordered: list[str] = []
     for rec, info, own in zip(records, infos, declared, strict=True):
         assert own is not None
-        missing = [n for n in wanted if n not in own]
-        if missing:
-            raise BadInputError(
-                f"stack_id {rec.stack_id} ({rec.path}) has no channel named {missing[0]!r} (its channels, from "
-                f"{source}: {SEPARATOR.join(own)}); {what} are {', '.join(wanted)}"
-            )
+        _check_names(rec, own, wanted, source, what)
         files = [own.index(n) for n in wanted]
         if files == indices:
             out.append(info)
