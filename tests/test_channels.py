@@ -111,9 +111,12 @@ def test_config_takes_indices_or_names_but_not_a_mix():
     assert config_from_dict({"data": {"manifest": "m.csv", "channels": ["DAPI", "ICP4"]}}, "t").data.channels == [
         "DAPI", "ICP4"]
     assert config_from_dict({"data": {"manifest": "m.csv", "channels": [0, 2]}}, "t").data.channels == [0, 2]
-    for bad in (["DAPI", 1], ["DAPI", "DAPI"], [" "], [-1]):
-        with pytest.raises(BadInputError, match="channels"):
+    assert config_from_dict({"data": {"manifest": "m.csv", "channels": [" DAPI "]}}, "t").data.channels == ["DAPI"]
+    for bad, needle in ((["DAPI", 1], "all indices or all names"), ([True, False], "quote names"),
+                        (["DAPI", "DAPI"], "distinct"), ([" "], "empty"), ([-1], "non-negative")):
+        with pytest.raises(BadInputError, match="channels") as err:
             config_from_dict({"data": {"manifest": "m.csv", "channels": bad}}, "t")
+        assert needle in str(err.value)
 
 
 def test_the_real_confocal_files_read_dapi_and_icp4_though_one_file_orders_them_first(tmp_path):
@@ -261,3 +264,31 @@ def test_ome_channel_names_need_one_distinct_name_per_channel(xml_names, n, expe
     xml = f'<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06"><Image><Pixels>{chans}</Pixels></Image></OME>'
     assert ome_channel_names(xml, n) == expected
     assert ome_channel_names("<not xml", n) is None
+
+
+def test_a_run_keeps_its_channels_when_the_manifest_rows_are_re_sorted(tmp_path, capsys):
+    """Indices count from the first training stack: evaluate, resume and predict must not re-resolve them
+    against whatever stack comes first today."""
+    man = _experiment(tmp_path)
+    for channels, name in ((["virus", "time"], "named"), ([1], "indexed")):
+        (tmp_path / name).mkdir()
+        cfg = write_config(tmp_path / name / "cfg.yaml", man, data={"channels": channels}, training={"epochs": 1})
+        assert main(["train", "--config", str(cfg)]) == 0
+        run = Path(capsys.readouterr().out.strip().splitlines()[-1])
+        assert main(["evaluate", "--run", str(run)]) == 0
+        before = _predictions(run / "predictions_val.csv")
+
+        lines = man.read_text().splitlines()
+        s2 = next(ln for ln in lines if ln.startswith("s2,"))  # virus|time: its indices are the other way round
+        original = man.read_text()
+        man.write_text("\n".join([lines[0], s2] + [ln for ln in lines[1:] if ln != s2]) + "\n")
+        try:
+            assert main(["evaluate", "--run", str(run)]) == 0
+            assert _predictions(run / "predictions_val.csv") == before, name
+            ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+            assert main(["train", "--resume", str(run), "--set", "training.epochs=2"]) == 0
+            resumed = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+            assert (resumed["channels"], resumed["channel_names"]) == (ckpt["channels"], ckpt["channel_names"])
+        finally:
+            man.write_text(original)
+        capsys.readouterr()

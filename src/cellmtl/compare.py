@@ -140,7 +140,7 @@ def classical_results(mt_run: Path, seed: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     ckpt = load_checkpoint(mt_run / "checkpoints" / "best.pt")
     run_cfg = config_from_checkpoint(ckpt)
-    exp = load_experiment(run_cfg, splits=ckpt["splits"])
+    exp = load_experiment(run_cfg, splits=ckpt["splits"], ckpt=ckpt)
     indices = split_indices(run_cfg, exp)
     ids = [r.stack_id for r in exp.records]
     intervals = [r.frame_interval_hours for r in exp.records]

@@ -121,6 +121,20 @@ class DataConfig(_Strict):
     frames: FramesConfig = Field(default_factory=FramesConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels_kind(cls, v: Any) -> Any:
+        """All indices or all names, in plain words; YAML's yes/no would otherwise become indices 1/0."""
+        if isinstance(v, list):
+            if any(isinstance(c, bool) for c in v):
+                raise ValueError(f"channels must be indices or names, got {v} (quote names such as 'yes' or 'on')")
+            if any(isinstance(c, str) for c in v):
+                if not all(isinstance(c, str) for c in v):
+                    raise ValueError(f"channels must be all indices or all names, got {v} (quote names that look "
+                                     "like numbers, e.g. '488')")
+                return [c.strip() for c in v]
+        return v
+
     @field_validator("channels")
     @classmethod
     def _channels(cls, v: list[int] | list[str] | None) -> list[int] | list[str] | None:

@@ -57,7 +57,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     ckpt_path = checkpoint_path(run, checkpoint)
     ckpt = load_checkpoint(ckpt_path)
     cfg = config_from_checkpoint(ckpt)
-    exp = load_experiment(cfg, splits=ckpt["splits"])
+    exp = load_experiment(cfg, splits=ckpt["splits"], ckpt=ckpt)
     if not exp.split_records(split):
         raise BadInputError(f"run {run} has no {split} split")
     index = exp.index(split, getattr(cfg.data.frames, split), cfg.data.pre_onset, cfg.multitask.uninfected_time)

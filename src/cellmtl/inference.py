@@ -277,7 +277,7 @@ def new_stacks_dataset(
     the same input (channels, normalisation, temporal context) and the same targets."""
     from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint
     from cellmtl.config import FrameSelection
-    from cellmtl.data.channels import match_channels
+    from cellmtl.data.channels import checkpoint_channels
     from cellmtl.data.dataset import probe_records, stack_index
     from cellmtl.data.manifest import load_manifest
 
@@ -289,8 +289,7 @@ def new_stacks_dataset(
                                 default_onset=cfg.multitask.infection_onset_hour, labelled=False)
     else:
         records = records_from_paths(list(paths), interval)
-    infos, _, _ = match_channels(records, probe_records(records), list(ckpt["channels"]),
-                                 names=ckpt.get("channel_names"), what="the model's input channels")
+    infos, _, _ = checkpoint_channels(records, probe_records(records), ckpt)
     # Every frame; pre-onset frames of labelled infected stacks get negative time targets.
     every = FrameSelection()
     ut = cfg.multitask.uninfected_time

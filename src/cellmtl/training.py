@@ -244,7 +244,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         raise BadInputError("train needs --config (or --resume RUN_DIR_OR_CKPT)")
     torch.manual_seed(cfg.seed)
     ctx = distributed.init(cfg.training.device)
-    exp = load_experiment(cfg, splits=ckpt["splits"] if ckpt else None)
+    exp = load_experiment(cfg, splits=ckpt["splits"] if ckpt else None, ckpt=ckpt)
     device = distributed.device_for(ctx, pick_device(cfg.training.device))
     if device.type == "cpu":
         procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.enabled else 1

@@ -102,8 +102,8 @@ def match_channels(
         except BadInputError as exc:
             if by_name:
                 raise
-            log.warning("%s; the OME channel names differ between files, so channels are taken by index (a "
-                        "manifest column %r naming each file's channels matches them by name)", exc, CHANNEL_COLUMN)
+            log.warning("%s; the OME channel names do not match, so channels are taken by index (a manifest "
+                        "column %r naming each file's channels matches them by name)", exc, CHANNEL_COLUMN)
             names = None  # said once, above
     if by_name:
         raise BadInputError(
@@ -117,6 +117,21 @@ def match_channels(
             "read, in the order of the first training stack", what, ", ".join(names), CHANNEL_COLUMN,
             list(selection or []))
     return list(infos), _check_indices(records, infos, selection, what), None
+
+
+def checkpoint_channels(
+    records: Sequence[StackRecord], infos: Sequence[StackInfo], ckpt: dict
+) -> tuple[list[StackInfo], list[int], list[str] | None]:
+    """`match_channels` for the channels a checkpoint was trained on (resume, evaluate, compare, predict).
+
+    A checkpoint's indices count from the first stack of its training manifest; reading them against today's
+    first stack would feed other stains once rows are re-sorted or stacks added. So a checkpoint with names is
+    matched by its names, and one trained without names reads its plain indices in every file, as in training."""
+    names = ckpt.get("channel_names")
+    what = "the model's input channels"
+    if names is None:
+        return list(infos), _check_indices(records, infos, list(ckpt["channels"]), what), None
+    return match_channels(records, infos, list(ckpt["channels"]), names=names, what=what)
 
 
 def _check_names(rec: StackRecord, own: Sequence[str], wanted: Sequence[str], source: str, what: str) -> None:

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cellmtl.config import AugmentConfig, Config, FrameSelection
-from cellmtl.data.channels import match_channels
+from cellmtl.data.channels import checkpoint_channels, match_channels
 from cellmtl.data.manifest import StackRecord, load_manifest, records_from_dirs
 from cellmtl.data.splits import assign_splits
 from cellmtl.data.targets import hours_since_start, select_frames, time_targets
@@ -124,9 +124,10 @@ def load_records(cfg: Config, *, labelled: bool = True) -> list[StackRecord]:
     )
 
 
-def load_experiment(cfg: Config, splits: dict[str, str] | None = None) -> Experiment:
-    """Manifest (or folders) -> probed stacks -> splits (`splits` given: a resumed run's own). Every
-    problem is a BadInputError."""
+def load_experiment(cfg: Config, splits: dict[str, str] | None = None, ckpt: dict | None = None) -> Experiment:
+    """Manifest (or folders) -> probed stacks -> splits (`splits` given: a resumed run's own). With a run's
+    checkpoint `ckpt`, the stacks are read with the channels it was trained on, not re-resolved from today's
+    manifest. Every problem is a BadInputError."""
     records = load_records(cfg)
     d = cfg.data
     if splits is not None:
@@ -144,7 +145,9 @@ def load_experiment(cfg: Config, splits: dict[str, str] | None = None) -> Experi
         seed=cfg.seed,
         need_both_classes=cfg.task.mode != "regression",
     )
-    infos, channels, names = match_channels(records, probe_records(records), d.channels)
+    probed = probe_records(records)
+    infos, channels, names = (match_channels(records, probed, d.channels) if ckpt is None
+                              else checkpoint_channels(records, probed, ckpt))
     return Experiment(records, infos, splits, channels, names)
 
 
