@@ -85,7 +85,7 @@ def test_without_names_channels_stay_indices(tmp_path):
         ({"a": ["DAPI", "GFP"], "b": None}, None, ["stack_id b", "no channel names", "stack_id a"]),
         ({"a": None, "b": None}, ["GFP"], ["by name", "'channels' column"]),
         ({"a": ["DAPI", "GFP"]}, ["BF"], ["stack_id a", "'BF'"]),
-        ({"a": ["DAPI", "GFP"]}, [2], ["stack_id a", "channel 2", "DAPI|GFP"]),
+        ({"a": ["DAPI", "GFP"]}, [2], ["stack_id a", "channel 2", "DAPI|GFP", "['488']"]),
     ],
 )
 def test_name_mismatches_are_bad_input_naming_the_stack(tmp_path, stacks, selection, needles):

@@ -169,7 +169,8 @@ def _match_by_name(
             if bad:
                 raise BadInputError(
                     f"stack_id {records[0].stack_id} ({records[0].path}): {what} {indices} asks for channel "
-                    f"{bad[0]} but the stack has {len(ref)} channel(s) ({SEPARATOR.join(ref)})"
+                    f"{bad[0]} but the stack has {len(ref)} channel(s) ({SEPARATOR.join(ref)}); to pick by name, "
+                    "quote names that look like numbers, e.g. ['488']"
                 )
             wanted = [ref[c] for c in indices]
 
