@@ -54,14 +54,15 @@ def train_run(manifest: Path, out: Path, name: str, seed: int, overrides: list[s
 
 
 def time_targets(row: dict[str, str], n_frames: int) -> np.ndarray:
-    """Each frame's time target in hours as the defaults define it (hours since onset for infected stacks,
-    since the experiment's start for uninfected ones), NaN for pre-onset frames, which the defaults drop."""
-    start, dt = float(row["start_hour"] or 0), float(row["frame_interval_hours"] or 1)
-    hours = start + dt * np.arange(n_frames)
-    if row["condition"] != "infected":
-        return hours
-    onset = float(row["infection_onset_hour"])
-    return np.where(hours >= onset, hours - onset, np.nan)
+    """Each frame's time target in hours for a manifest row, by the package's own definition with the defaults
+    (`pre_onset: drop`, `uninfected_time: elapsed`); NaN for the pre-onset frames the defaults drop."""
+    from cellmtl.data import targets
+
+    hours = targets.hours_since_start(n_frames, float(row["frame_interval_hours"] or 1), float(row["start_hour"] or 0))
+    infected = row["condition"] == "infected"
+    onset = float(row["infection_onset_hour"]) if infected else None
+    target, _, keep = targets.time_targets(hours, infected, onset, "drop", "elapsed")
+    return np.where(keep, target, np.nan)
 
 
 def mean_predictor_mae(targets: np.ndarray, split: np.ndarray) -> float:

@@ -251,7 +251,7 @@ def test_ome_names_that_differ_between_files_leave_indices_with_a_warning(tmp_pa
     assert any("stack_id b" in r.getMessage() and "by index" in r.getMessage() for r in caplog.records)
     with pytest.raises(BadInputError) as err:
         ome_levels(tmp_path / "n", files, ["DAPI"])
-    assert "stack_id b" in str(err.value) and "'DAPI' (its channels, from its OME metadata: Hoechst|GFP)" in str(
+    assert "stack_id b" in str(err.value) and "'DAPI' (its channels, from the OME metadata: Hoechst|GFP)" in str(
         err.value)
 
 

@@ -25,6 +25,8 @@ from cellmtl.io import StackInfo
 
 CHANNEL_COLUMN = "channels"
 SEPARATOR = "|"
+FROM_MANIFEST = f"the manifest's {CHANNEL_COLUMN!r} column"
+FROM_OME = "the OME metadata"
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ def declared_names(rec: StackRecord, info: StackInfo) -> tuple[str, ...] | None:
     return names
 
 
+def _index_error(
+    rec: StackRecord, what: str, selection: Sequence[int], bad: int, n: int, detail: str = ""
+) -> BadInputError:
+    return BadInputError(
+        f"stack_id {rec.stack_id} ({rec.path}): {what} {list(selection)} asks for channel {bad} but the stack has "
+        f"{n} channel(s){detail}"
+    )
+
+
 def _check_indices(records: Sequence[StackRecord], infos: Sequence[StackInfo], selection: Sequence[int] | None,
                    what: str) -> list[int]:
     """Index mode (no names anywhere): every stack has the selected channels, or all stacks have as many."""
@@ -53,10 +64,7 @@ def _check_indices(records: Sequence[StackRecord], infos: Sequence[StackInfo], s
         if selection is not None:
             bad = [c for c in selection if c >= info.n_channels]
             if bad:
-                raise BadInputError(
-                    f"stack_id {rec.stack_id} ({rec.path}): {what} {list(selection)} asks for channel "
-                    f"{bad[0]} but the stack has {info.n_channels} channel(s)"
-                )
+                raise _index_error(rec, what, selection, bad[0], info.n_channels)
         elif info.n_channels != infos[0].n_channels:
             raise BadInputError(
                 f"stack_id {rec.stack_id} ({rec.path}) has {info.n_channels} channel(s) but stack_id "
@@ -84,6 +92,35 @@ def match_channels(
     are the acquisition software's and may differ for the same stain (`DAPI` in one file, `Hoechst` in the
     next), so where they do not match, channels stay indices (with a warning) unless `data.channels` asks
     for names."""
+    declared, source = stack_channel_names(records, infos)
+    by_name = selection is not None and any(isinstance(c, str) for c in selection)
+    if declared is not None:
+        try:
+            return _match_by_name(records, infos, declared, selection, names, what, source)
+        except BadInputError as exc:
+            if source == FROM_MANIFEST or by_name:
+                raise
+            log.warning("%s; the OME channel names do not match, so channels are taken by index (a manifest "
+                        "column %r naming each file's channels matches them by name)", exc, CHANNEL_COLUMN)
+    elif by_name:
+        raise BadInputError(
+            f"{what} {list(selection or [])} picks channels by name, but the manifest has no {CHANNEL_COLUMN!r} "
+            f"column naming each file's channels in order (e.g. DAPI{SEPARATOR}GFP) and not every file names them "
+            "in OME metadata"
+        )
+    elif names is not None:
+        log.warning(
+            "%s are %s by name; these stacks do not name theirs (manifest column %r), so channels %s are "
+            "read, in the order of the first training stack", what, ", ".join(names), CHANNEL_COLUMN,
+            list(selection or []))
+    return list(infos), _check_indices(records, infos, selection, what), None
+
+
+def stack_channel_names(
+    records: Sequence[StackRecord], infos: Sequence[StackInfo]
+) -> tuple[list[tuple[str, ...]] | None, str]:
+    """(every stack's channel names, where they come from): the manifest's column, else the files' OME
+    metadata when every file has it; (None, "") when the stacks are not all named."""
     declared = [declared_names(r, i) for r, i in zip(records, infos, strict=True)]
     named = [d is not None for d in declared]
     if any(named) and not all(named):
@@ -92,31 +129,12 @@ def match_channels(
             f"stack_id {records[j].stack_id} ({records[j].path}) has no channel names in the manifest's "
             f"{CHANNEL_COLUMN!r} column but stack_id {records[k].stack_id} has; name every stack's channels or none"
         )
-    by_name = selection is not None and any(isinstance(c, str) for c in selection)
     if all(named):
-        return _match_by_name(records, infos, declared, selection, names, what, "the manifest")
+        return [d for d in declared if d is not None], FROM_MANIFEST
     from_files = [i.channel_names for i in infos]
     if all(n is not None for n in from_files):
-        try:
-            return _match_by_name(records, infos, from_files, selection, names, what, "its OME metadata")
-        except BadInputError as exc:
-            if by_name:
-                raise
-            log.warning("%s; the OME channel names do not match, so channels are taken by index (a manifest "
-                        "column %r naming each file's channels matches them by name)", exc, CHANNEL_COLUMN)
-            names = None  # said once, above
-    if by_name:
-        raise BadInputError(
-            f"{what} {list(selection or [])} picks channels by name, but the manifest has no {CHANNEL_COLUMN!r} "
-            f"column naming each file's channels in order (e.g. DAPI{SEPARATOR}GFP) and not every file names them "
-            "in OME metadata"
-        )
-    if names is not None:
-        log.warning(
-            "%s are %s by name; these stacks do not name theirs (manifest column %r), so channels %s are "
-            "read, in the order of the first training stack", what, ", ".join(names), CHANNEL_COLUMN,
-            list(selection or []))
-    return list(infos), _check_indices(records, infos, selection, what), None
+        return [n for n in from_files if n is not None], FROM_OME
+    return None, ""
 
 
 def checkpoint_channels(
@@ -146,7 +164,7 @@ def _check_names(rec: StackRecord, own: Sequence[str], wanted: Sequence[str], so
 def _match_by_name(
     records: Sequence[StackRecord],
     infos: Sequence[StackInfo],
-    declared: Sequence[tuple[str, ...] | None],
+    declared: Sequence[tuple[str, ...]],
     selection: Sequence[int] | Sequence[str] | None,
     names: Sequence[str] | None,
     what: str,
@@ -158,7 +176,6 @@ def _match_by_name(
         indices, wanted = [int(c) for c in selection or []], list(names)
     else:
         ref = declared[0]
-        assert ref is not None
         if by_name:
             wanted = [str(c) for c in selection or []]
             _check_names(records[0], ref, wanted, source, what)
@@ -167,17 +184,13 @@ def _match_by_name(
             indices = [int(c) for c in selection] if selection is not None else list(range(len(ref)))
             bad = [c for c in indices if c >= len(ref)]
             if bad:
-                raise BadInputError(
-                    f"stack_id {records[0].stack_id} ({records[0].path}): {what} {indices} asks for channel "
-                    f"{bad[0]} but the stack has {len(ref)} channel(s) ({SEPARATOR.join(ref)}); to pick by name, "
-                    "quote names that look like numbers, e.g. ['488']"
-                )
+                raise _index_error(records[0], what, indices, bad[0], len(ref), f" ({SEPARATOR.join(ref)}); to pick "
+                                   "by name, quote names that look like numbers, e.g. ['488']")
             wanted = [ref[c] for c in indices]
 
     out: list[StackInfo] = []
     reordered: list[str] = []
     for rec, info, own in zip(records, infos, declared, strict=True):
-        assert own is not None
         _check_names(rec, own, wanted, source, what)
         files = [own.index(n) for n in wanted]
         if files == indices:
@@ -191,5 +204,5 @@ def _match_by_name(
     if reordered:
         shown = ", ".join(reordered[:5]) + (f" and {len(reordered) - 5} more" if len(reordered) > 5 else "")
         log.info("channels %s matched by name (from %s); %d of %d stacks store them in another order: %s",
-                 ", ".join(wanted), source.replace("its ", "the files' "), len(reordered), len(records), shown)
+                 ", ".join(wanted), source, len(reordered), len(records), shown)
     return out, indices, wanted

@@ -90,7 +90,8 @@ def probe_records(records: Sequence[StackRecord]) -> list[StackInfo]:
 @dataclass
 class Experiment:
     """All stacks of a config, probed, with their split. `channels` is the resolved channel selection, as
-    indices into the first stack's channels; `channel_names` their names when the manifest names them."""
+    indices into the first stack's channels; `channel_names` their names when the manifest or the files'
+    OME metadata name them."""
 
     records: list[StackRecord]
     infos: list[StackInfo]
