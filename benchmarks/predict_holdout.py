@@ -1,16 +1,18 @@
 #!/usr/bin/env python
 """Issue 4's acceptance, as a new user would check it: train with the defaults on an experiment the tests never
-see (holdout_experiment.py: 12 stacks, 4 marked val), then `cellmtl predict` on the 4 val stacks as new stacks and
-compare each stack's predicted condition and `est_onset_hour` with the truth.
+see (holdout_experiment.py: 12 stacks by default, 4 marked val), then `cellmtl predict` on the 4 val stacks as new
+stacks and compare each stack's predicted condition and `est_onset_hour` with the truth.
 
     python benchmarks/predict_holdout.py [--seed 0] [--out /tmp/cellmtl_predict_holdout] [--checkpoint last|best]
-        [--run RUN_DIR] [--course synchronous|spread|cascade] [--set key=value ...]
+        [--run RUN_DIR] [--stacks 12] [--course synchronous|spread|cascade] [--set key=value ...]
 
 Acceptance: every stack's condition right, and every infected stack's onset within 2 h. `slope` is the stack's
 `onset_fit_slope` (near 1 when the predicted times track the clock, so that the onset estimate means something).
 `--checkpoint last` (default) uses weights the val stacks never influenced; `best` was selected on them (a mild
-leak). `--run` reuses a trained run instead of training again. Exit status 0 whether or not the acceptance
-holds; the last line says.
+leak). `--run` reuses a run trained on the same `--seed`, `--stacks` and `--course` instead of training again;
+the script stops if that run trained on a held-out stack (stack i renders the same at any `--stacks`, but which
+pairs are val does not, so a 36-stack run trained on some of the 12-stack experiment's val stacks). Exit status 0
+whether or not the acceptance holds; the last line says.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ def held_out_manifest(manifest: Path) -> tuple[Path, dict[str, dict]]:
         w.writeheader()
         w.writerows(rows)
     return out, {r["stack_id"]: r for r in rows}
+
+
+def trained_on(run: Path) -> set[str]:
+    """The stacks the run's training split held, from its splits.csv."""
+    return {r["stack_id"] for r in csv.DictReader((run / "splits.csv").open()) if r["split"] == "train"}
 
 
 def judge(stacks_csv: Path, truth: dict[str, dict]) -> bool:
@@ -69,15 +76,20 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_predict_holdout"))
     ap.add_argument("--checkpoint", choices=("last", "best"), default="last")
     ap.add_argument("--run", type=Path, help="a run trained on this seed's data already (skips training)")
+    ap.add_argument("--stacks", type=int, default=12, help="stacks in the experiment (4 of them val)")
     ap.add_argument("--course", choices=COURSES, default="synchronous",
                     help="the generator's infection course (holdout_experiment.py --course)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    data_manifest = make_data(args.out, args.seed, course=args.course)
-    run = args.run or train_run(data_manifest, args.out, f"predict_holdout_{args.course}_seed{args.seed}", args.seed,
-                                args.overrides)
+    data_manifest = make_data(args.out, args.seed, args.stacks, args.course)
+    name = f"predict_holdout_{args.course}_{args.stacks}stacks_seed{args.seed}"
+    run = args.run or train_run(data_manifest, args.out, name, args.seed, args.overrides)
     manifest, truth = held_out_manifest(data_manifest)
-    pred = args.out / f"pred_{args.course}_seed{args.seed}_{args.checkpoint}.csv"
+    leaked = sorted(trained_on(run) & set(truth))
+    if leaked:
+        sys.exit(f"error: {run} trained on held-out stacks {', '.join(leaked)}: pass the --stacks and --course it was "
+                 "trained with")
+    pred = args.out / f"pred_{args.course}_{args.stacks}stacks_seed{args.seed}_{args.checkpoint}.csv"
     subprocess.run(
         [sys.executable, "-m", "cellmtl", "predict", "--checkpoint", str(run / "checkpoints" / f"{args.checkpoint}.pt"),
          "--manifest", str(manifest), "--out", str(pred)],
