@@ -8,14 +8,17 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from cellmtl.data.dataset import EpochSampler
 from cellmtl.distributed import DistContext, ShardedSampler, shard_indices
 from cellmtl.evaluation import evaluate_run
+from tests.conftest import write_hyperstack
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +47,21 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
-def test_torchrun_two_cpu_processes(tiny_config, tmp_path):
+def name_channels_with_one_swapped(manifest: Path) -> None:
+    """Give every stack channel names A|B and store s1's channels the other way round (B|A), so loading logs
+    the 'matched by name' INFO line."""
+    lines = manifest.read_text().splitlines()
+    lines = [lines[0] + ",channels"] + [ln + (",B|A" if ln.startswith("s1,") else ",A|B") for ln in lines[1:]]
+    manifest.write_text("\n".join(lines) + "\n")
+    path = manifest.parent / "stacks" / "s1.tif"
+    write_hyperstack(path, tifffile.imread(path)[:, ::-1].copy())
+
+
+def test_torchrun_two_cpu_processes(tiny_config, tiny_experiment, tmp_path):
+    name_channels_with_one_swapped(tiny_experiment)
     proc = torchrun("--config", str(tiny_config), "--set", "training.epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("matched by name") == 1, proc.stderr[-3000:]  # rank 1's module loggers are quiet
     runs = list((tmp_path / "outputs" / "t").iterdir())
     assert len(runs) == 1, runs  # rank 1 created nothing
     run = runs[0]
