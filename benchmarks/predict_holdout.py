@@ -49,7 +49,8 @@ def judge(stacks_csv: Path, truth: dict[str, dict]) -> bool:
     """Print one line per held-out stack; True when every condition is right and every infected onset is
     within ONSET_TOLERANCE_H."""
     ok_all = True
-    print(f"{'stack':<10} {'true':<11} {'pred':<11} {'p_inf':>6} {'onset':>6} {'est':>6} {'err_h':>6} {'slope':>6}  ok")
+    print(f"{'stack':<10} {'true':<11} {'pred':<11} {'p_inf':>6} {'frac':>5} {'onset':>6} {'est':>6} {'err_h':>6} "
+          f"{'slope':>6}  ok")
     for row in csv.DictReader(stacks_csv.open()):
         t = truth[row["stack_id"]]
         cond_ok = row["pred_condition"] == t["condition"]
@@ -65,7 +66,8 @@ def judge(stacks_csv: Path, truth: dict[str, dict]) -> bool:
         ok = cond_ok and onset_ok
         ok_all &= ok
         print(f"{row['stack_id']:<10} {t['condition']:<11} {row['pred_condition']:<11} "
-              f"{float(row['prob_infected']):>6.3f} {onset:>6} {est:>6} {err:>6} {row.get('onset_fit_slope', ''):>6}  "
+              f"{float(row['prob_infected']):>6.3f} {row.get('frac_frames_infected', ''):>5} {onset:>6} {est:>6} "
+              f"{err:>6} {row.get('onset_fit_slope', ''):>6}  "
               f"{'yes' if ok else 'NO'}")
     return ok_all
 

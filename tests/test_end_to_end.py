@@ -102,7 +102,8 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     assert len(rows) == 8 * 6  # every frame of every stack, pre-onset frames too
     assert all(0.0 <= float(r["prob_infected"]) <= 1.0 for r in rows)
     stacks = read_csv(tmp_path / "pred.stacks.csv")
-    assert len(stacks) == 8 and {"stack_id", "prob_infected", "pred_condition", "est_onset_hour"} <= set(stacks[0])
+    assert len(stacks) == 8 and {"stack_id", "prob_infected", "pred_condition", "frac_frames_infected",
+                                 "est_onset_hour"} <= set(stacks[0])
 
 
 def test_same_seed_same_metrics(capsys, tiny_config):

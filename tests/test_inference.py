@@ -33,6 +33,18 @@ def test_onset_median_resists_outliers_and_mock_has_none():
     (m,) = stack_summary(mock)
     assert m["pred_condition"] == "uninfected" and m["est_onset_hour"] == ""
     assert m["prob_infected"] == pytest.approx(0.1) and m["n_frames"] == 12
+    assert m["frac_frames_infected"] == 0.0
+
+
+def test_frac_frames_infected_shows_how_unanimous_the_call_is():
+    # onset 4.5 h, frames at hours 1..12: the 4 frames before it look uninfected (p 0.2), the 8 after (p 0.9)
+    (row,) = stack_summary(rows_for("a", 4.5))
+    assert row["frac_frames_infected"] == pytest.approx(8 / 12, abs=1e-3)
+    assert row["prob_infected"] == pytest.approx((4 * 0.2 + 8 * 0.9) / 12)
+    # a stack split down the middle has a mean just under 0.5 and half its frames called infected
+    split = [dict(r, prob_infected=0.95 if r["frame"] % 2 else 0.03) for r in rows_for("s", 0.0)]
+    (half,) = stack_summary(split)
+    assert half["pred_condition"] == "uninfected" and half["frac_frames_infected"] == 0.5
 
 
 def test_onset_fit_slope_flags_a_time_head_that_ignores_the_clock():

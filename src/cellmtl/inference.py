@@ -220,7 +220,9 @@ def theil_sen_slope(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
-    """One row per stack: mean prob_infected, pred_condition and, for stacks predicted infected,
+    """One row per stack: mean prob_infected, pred_condition, `frac_frames_infected` (the share of its frames
+    at or above the threshold: how unanimous the call is, since a mean near the threshold can hide a stack
+    split between the conditions) and, for stacks predicted infected,
     `est_onset_hour` = median over its frames predicted infected of `hours_since_start - pred_time_hours`
     (each such frame votes for when infection began; this is the least-absolute-deviation fit of
     `pred_time_hours = hours_since_start - onset`, a line of slope 1), and `onset_fit_slope`, the robust
@@ -237,6 +239,7 @@ def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
         mean = float(np.mean(probs)) if probs else None
         row["prob_infected"] = "" if mean is None else round(mean, 6)
         row["pred_condition"] = "" if mean is None else ("infected" if mean >= threshold else "uninfected")
+        row["frac_frames_infected"] = "" if mean is None else round(float(np.mean(np.asarray(probs) >= threshold)), 3)
         onset, slope = "", ""
         if mean is not None and mean >= threshold and frames[0]["pred_time_hours"] != "":
             voters = [f for f in frames if float(f["prob_infected"]) >= threshold]
