@@ -12,6 +12,8 @@ import numpy as np
 import tifffile
 import yaml
 
+import cellmtl.data.targets as package_targets
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -56,12 +58,11 @@ def train_run(manifest: Path, out: Path, name: str, seed: int, overrides: list[s
 def time_targets(row: dict[str, str], n_frames: int) -> np.ndarray:
     """Each frame's time target in hours for a manifest row, by the package's own definition with the defaults
     (`pre_onset: drop`, `uninfected_time: elapsed`); NaN for the pre-onset frames the defaults drop."""
-    from cellmtl.data import targets
-
-    hours = targets.hours_since_start(n_frames, float(row["frame_interval_hours"] or 1), float(row["start_hour"] or 0))
+    interval, start = float(row["frame_interval_hours"] or 1), float(row["start_hour"] or 0)
+    hours = package_targets.hours_since_start(n_frames, interval, start)
     infected = row["condition"] == "infected"
     onset = float(row["infection_onset_hour"]) if infected else None
-    target, _, keep = targets.time_targets(hours, infected, onset, "drop", "elapsed")
+    target, _, keep = package_targets.time_targets(hours, infected, onset, "drop", "elapsed")
     return np.where(keep, target, np.nan)
 
 

@@ -15,6 +15,7 @@ Without torchrun (or with WORLD_SIZE=1) all of this is a no-op and `DistContext.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -62,7 +63,10 @@ def init(device_name: str) -> DistContext:
         if use_cuda:
             torch.cuda.set_device(local_rank)  # before init: nccl binds each rank to its own GPU
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30))
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+    if not ctx.is_main:  # rank 0 alone logs: the package's module loggers would repeat each INFO/WARNING per rank
+        logging.getLogger("cellmtl").setLevel(logging.ERROR)
+    return ctx
 
 
 def device_for(ctx: DistContext, device: torch.device) -> torch.device:

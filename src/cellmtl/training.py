@@ -244,8 +244,6 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         raise BadInputError("train needs --config (or --resume RUN_DIR_OR_CKPT)")
     torch.manual_seed(cfg.seed)
     ctx = distributed.init(cfg.training.device)
-    if not ctx.is_main:  # the package's module loggers (data loading, channel matching) would say it once per rank
-        logging.getLogger("cellmtl").setLevel(logging.ERROR)
     exp = load_experiment(cfg, splits=ckpt["splits"] if ckpt else None, ckpt=ckpt)
     device = distributed.device_for(ctx, pick_device(cfg.training.device))
     if device.type == "cpu":

@@ -48,6 +48,11 @@ def declared_names(rec: StackRecord, info: StackInfo) -> tuple[str, ...] | None:
     return names
 
 
+def _picks_names(selection: Sequence[int] | Sequence[str] | None) -> bool:
+    """`data.channels` (or a checkpoint's selection) given as names rather than indices."""
+    return selection is not None and any(isinstance(c, str) for c in selection)
+
+
 def _index_error(
     rec: StackRecord, what: str, selection: Sequence[int], bad: int, n: int, detail: str = ""
 ) -> BadInputError:
@@ -93,7 +98,7 @@ def match_channels(
     next), so where they do not match, channels stay indices (with a warning) unless `data.channels` asks
     for names."""
     declared, source = stack_channel_names(records, infos)
-    by_name = selection is not None and any(isinstance(c, str) for c in selection)
+    by_name = _picks_names(selection)
     if declared is not None:
         try:
             return _match_by_name(records, infos, declared, selection, names, what, source)
@@ -171,7 +176,7 @@ def _match_by_name(
     source: str,
 ) -> tuple[list[StackInfo], list[int], list[str]]:
     """Every stack names its channels (`declared`): read each by name, in the reference's indices."""
-    by_name = selection is not None and any(isinstance(c, str) for c in selection)
+    by_name = _picks_names(selection)
     if names is not None:  # a checkpoint's channels, matched by name in new stacks
         indices, wanted = [int(c) for c in selection or []], list(names)
     else:
