@@ -26,6 +26,8 @@ from pathlib import Path
 from holdout_common import make_data, train_run
 from holdout_experiment import COURSES
 
+from cellmtl.compare import read_splits
+
 ONSET_TOLERANCE_H = 2.0
 
 
@@ -38,11 +40,6 @@ def held_out_manifest(manifest: Path) -> tuple[Path, dict[str, dict]]:
         w.writeheader()
         w.writerows(rows)
     return out, {r["stack_id"]: r for r in rows}
-
-
-def trained_on(run: Path) -> set[str]:
-    """The stacks the run's training split held, from its splits.csv."""
-    return {r["stack_id"] for r in csv.DictReader((run / "splits.csv").open()) if r["split"] == "train"}
 
 
 def judge(stacks_csv: Path, truth: dict[str, dict]) -> bool:
@@ -87,7 +84,7 @@ def main() -> None:
     name = f"predict_holdout_{args.course}_{args.stacks}stacks_seed{args.seed}"
     run = args.run or train_run(data_manifest, args.out, name, args.seed, args.overrides)
     manifest, truth = held_out_manifest(data_manifest)
-    leaked = sorted(trained_on(run) & set(truth))
+    leaked = sorted(s for s, split in read_splits(run).items() if split == "train" and s in truth)
     if leaked:
         sys.exit(f"error: {run} trained on held-out stacks {', '.join(leaked)}: pass the --stacks and --course it was "
                  "trained with")

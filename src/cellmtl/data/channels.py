@@ -131,8 +131,8 @@ def stack_channel_names(
     if any(named) and not all(named):
         k, j = named.index(True), named.index(False)
         raise BadInputError(
-            f"stack_id {records[j].stack_id} ({records[j].path}) has no channel names in the manifest's "
-            f"{CHANNEL_COLUMN!r} column but stack_id {records[k].stack_id} has; name every stack's channels or none"
+            f"stack_id {records[j].stack_id} ({records[j].path}) has no channel names in {FROM_MANIFEST} "
+            f"but stack_id {records[k].stack_id} has; name every stack's channels or none"
         )
     if all(named):
         return [d for d in declared if d is not None], FROM_MANIFEST
