@@ -17,7 +17,8 @@ from cellmtl.data.channels import match_channels
 from cellmtl.data.dataset import probe_records
 from cellmtl.data.manifest import load_manifest
 from cellmtl.errors import BadInputError
-from cellmtl.io import StackReader, ome_channel_names
+from cellmtl.filemeta import ome_channel_names
+from cellmtl.io import StackReader
 from tests.conftest import SHARED_DATA, tiny_stack, write_config, write_hyperstack
 
 LEVEL = {"DAPI": 100.0, "GFP": 200.0, "RFP": 300.0, "BF": 400.0}  # each stain's constant pixel value
@@ -251,7 +252,7 @@ def test_ome_names_that_differ_between_files_leave_indices_with_a_warning(tmp_pa
     assert any("stack_id b" in r.getMessage() and "by index" in r.getMessage() for r in caplog.records)
     with pytest.raises(BadInputError) as err:
         ome_levels(tmp_path / "n", files, ["DAPI"])
-    assert "stack_id b" in str(err.value) and "'DAPI' (its channels, from the OME metadata: Hoechst|GFP)" in str(
+    assert "stack_id b" in str(err.value) and "'DAPI' (its channels, from the files' metadata: Hoechst|GFP)" in str(
         err.value)
 
 

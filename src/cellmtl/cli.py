@@ -93,9 +93,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from cellmtl.config import load_config
     from cellmtl.data.check import check_data
+    from cellmtl.errors import all_culprits
 
     cfg = load_config(args.config, args.overrides)
-    print(check_data(cfg))
+    report = check_data(cfg)
+    print(report.text())  # the whole table first, even when some stacks cannot be read
+    if report.errors:
+        raise all_culprits(report.errors, "check-data")
     return 0
 
 

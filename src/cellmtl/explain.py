@@ -9,6 +9,7 @@ the input side / 32 (4 x 4 at 128 px): a coarse map, which says which region, no
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from collections.abc import Sequence
@@ -85,8 +86,13 @@ def pick_frames(
     return dict(sorted(roles.items()))
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "stack"
+def file_stem(stack_id: str) -> str:
+    """A file name for a stack: the stack_id where it is a safe name already, else its safe characters plus a
+    short hash of the stack_id, so `Well ä` and `Well ö` (both `Well_`) get two files, not one."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stack_id).strip(".") or "stack"
+    if safe == stack_id:
+        return safe
+    return f"{safe}-{hashlib.sha1(stack_id.encode('utf-8')).hexdigest()[:8]}"
 
 
 def plot_montage(
@@ -218,7 +224,8 @@ def explain(
                                    None if preds.time_pred is None else float(preds.time_pred[i]),
                                    int(index.infected[i]), float(index.time_target[i])),
             })
-        png = plot_montage(rows, out / f"{_safe(rec.stack_id)}.png", heads)
-        entries.append({"stack_id": rec.stack_id, "anchor": _safe(rec.stack_id), "png": png.name,
+        stem = file_stem(rec.stack_id)
+        png = plot_montage(rows, out / f"{stem}.png", heads)
+        entries.append({"stack_id": rec.stack_id, "anchor": stem, "png": png.name,
                         "frames": [(int(index.frame[i]), float(index.hours[i]), chosen[i]) for i in sel]})
     return write_index(out, entries)

@@ -169,6 +169,7 @@ def prediction_rows(
         }
         if preds.time_std is not None:
             row["pred_time_std"] = round(float(preds.time_std[k]), 4)
+        row["path"] = rec.path
         row.update(rec.extra)
         label = int(idx.infected[k])
         row["condition"] = "" if label < 0 else ("infected" if label == 1 else "uninfected")
@@ -190,8 +191,9 @@ def write_csv(rows: Sequence[dict], path: Path, columns: Sequence[str] | None = 
     tmp.replace(path)
 
 
-def records_from_paths(paths: Sequence[Path], frame_interval_hours: float) -> list[StackRecord]:
-    """Unlabelled records for `predict PATH ...`: stack_id = file or folder name, made unique."""
+def records_from_paths(paths: Sequence[Path], frame_interval_hours: float, source: str) -> list[StackRecord]:
+    """Unlabelled records for `predict PATH ...`: stack_id = file or folder name, made unique (the `path`
+    column of the outputs tells `plate1/A1.tif` from `plate2/A1.tif`). `source`: where the interval came from."""
     from cellmtl.errors import BadInputError
 
     out: list[StackRecord] = []
@@ -205,7 +207,8 @@ def records_from_paths(paths: Sequence[Path], frame_interval_hours: float) -> li
             k += 1
             sid = f"{base}_{k}"
         seen.add(sid)
-        out.append(StackRecord(sid, str(Path(p).resolve()), None, None, frame_interval_hours, 0.0, None, sid))
+        out.append(StackRecord(sid, str(Path(p).resolve()), None, None, frame_interval_hours, 0.0, None, sid,
+                               interval_source=source))
     return out
 
 
@@ -234,7 +237,7 @@ def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
         by_stack.setdefault(r["stack_id"], []).append(r)
     out = []
     for sid, frames in by_stack.items():
-        row: dict = {"stack_id": sid, "n_frames": len(frames)}
+        row: dict = {"stack_id": sid, "path": frames[0].get("path", ""), "n_frames": len(frames)}
         probs = [float(f["prob_infected"]) for f in frames if f["prob_infected"] != ""]
         mean = float(np.mean(probs)) if probs else None
         row["prob_infected"] = "" if mean is None else round(mean, 6)
@@ -281,8 +284,8 @@ def new_stacks_dataset(
     from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint
     from cellmtl.config import FrameSelection
     from cellmtl.data.channels import checkpoint_channels
-    from cellmtl.data.dataset import probe_records, stack_index
-    from cellmtl.data.manifest import load_manifest
+    from cellmtl.data.dataset import probe_records, stack_index, with_file_times
+    from cellmtl.data.manifest import FROM_COMMAND_LINE, FROM_CONFIG, load_manifest
 
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_checkpoint(ckpt)
@@ -291,8 +294,11 @@ def new_stacks_dataset(
         records = load_manifest(manifest, default_interval=interval,
                                 default_onset=cfg.multitask.infection_onset_hour, labelled=False)
     else:
-        records = records_from_paths(list(paths), interval)
-    infos, _, _ = checkpoint_channels(records, probe_records(records), ckpt)
+        records = records_from_paths(list(paths), interval, FROM_CONFIG if frame_interval_hours is None
+                                     else FROM_COMMAND_LINE)
+    probed = probe_records(records)
+    records = with_file_times(records, probed)
+    infos, _, _ = checkpoint_channels(records, probed, ckpt)
     # Every frame; pre-onset frames of labelled infected stacks get negative time targets.
     every = FrameSelection()
     ut = cfg.multitask.uninfected_time

@@ -18,13 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from xml.etree import ElementTree
 
 import numpy as np
 import tifffile
 from PIL import Image
 
 from cellmtl.errors import BadInputError
+from cellmtl.filemeta import FileTimes, imagej_channel_names, imagej_luts, imagej_times, ome_channel_names, ome_times
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -50,7 +50,11 @@ class StackInfo:
     # Set when this file orders its channels differently from the experiment's reference stack (channels matched
     # by name, `cellmtl.data.channels`): the file channel of each reference channel index, -1 where it has none.
     channel_order: tuple[int, ...] | None = None
-    channel_names: tuple[str, ...] | None = None  # from OME metadata, when it names every channel distinctly
+    # from OME metadata or ImageJ slice labels, when they name every channel distinctly
+    channel_names: tuple[str, ...] | None = None
+    file_times: FileTimes | None = None  # frame times the file records (ImageJ finterval, OME TimeIncrement/DeltaT)
+    luts: tuple[str, ...] | None = None  # ImageJ composite display colours, one per channel ('magenta', ...)
+    rgb: bool = False  # the channels are the RGB(A) samples of a colour image
 
 
 def natural_key(name: str) -> list[Any]:
@@ -85,18 +89,29 @@ def map_axes(axes: str, shape: Sequence[int], path: str | Path) -> str:
     return letters
 
 
-def _info_from_axes(path: Path, fmt: str, axes: str, shape: Sequence[int], dtype: np.dtype) -> StackInfo:
-    """Build a StackInfo after checking dtype, emptiness and axes."""
+def frame_file_letters(letters: str) -> str:
+    """Axes of one file in a folder of per-time-point files: the file is one time point, so planes that
+    tifffile counts as T (or as an unnamed page sequence) are its channels; Z stays Z where the file says so."""
+    return letters.replace("T", "C")
+
+
+def _info_from_axes(
+    path: Path, fmt: str, axes: str, shape: Sequence[int], dtype: np.dtype, frame_file: bool = False
+) -> StackInfo:
+    """Build a StackInfo after checking dtype, emptiness and axes (`frame_file`: see `frame_file_letters`)."""
     if dtype.name not in SUPPORTED_DTYPES:
         raise BadInputError(f"unsupported dtype {dtype.name} in {path}")
     if math.prod(shape) == 0:
         raise BadInputError(f"empty stack (shape {tuple(shape)}, axes {axes!r}) in {path}")
     letters = map_axes(axes, shape, path)
+    if frame_file:
+        letters = frame_file_letters(letters)
 
     def size(letter: str) -> int:
         return math.prod(n for n, o in zip(shape, letters, strict=True) if o == letter)
 
-    return StackInfo(str(path), fmt, size("T"), size("C"), size("Y"), size("X"), dtype.name, axes, size("Z"))
+    rgb = any(a == "S" and n in (3, 4) for a, n in zip(axes, shape, strict=True))
+    return StackInfo(str(path), fmt, size("T"), size("C"), size("Y"), size("X"), dtype.name, axes, size("Z"), rgb=rgb)
 
 
 def to_zcyx(arr: np.ndarray, letters: str) -> np.ndarray:
@@ -173,16 +188,28 @@ def _check_last_ifd(tf: tifffile.TiffFile, path: Path) -> None:
         raise BadInputError(f"truncated TIFF {path}: IFD of page {index} is cut off or empty")
 
 
-def _probe_tiff(path: Path) -> StackInfo:
+def _file_metadata(tf: tifffile.TiffFile, info: StackInfo, frame_file: bool) -> StackInfo:
+    """Channel names, display colours and frame times from the file's OME or ImageJ metadata."""
+    ij = tf.imagej_metadata
+    names = ome_channel_names(tf.ome_metadata, info.n_channels) if info.format == "ome" else None
+    times = None
+    if not frame_file:  # a file in a frame folder is one time point: its own times say nothing
+        times = ome_times(tf.ome_metadata, info.n_frames) if info.format == "ome" else None
+        times = times or (imagej_times(ij) if info.n_frames > 1 else None)
+    return replace(info, channel_names=names or imagej_channel_names(ij, info.n_channels), file_times=times,
+                   luts=imagej_luts(ij, info.n_channels))
+
+
+def _probe_tiff(path: Path, frame_file: bool = False) -> StackInfo:
     with _tifffile_errors() as errors:
         try:
             with tifffile.TiffFile(path) as tf:
                 if not tf.series:
                     raise BadInputError(f"no image series in TIFF {path}")
                 series = tf.series[0]
-                info = _info_from_axes(path, _tiff_format(series), series.axes, series.shape, series.dtype)
-                if info.format == "ome":
-                    info = replace(info, channel_names=ome_channel_names(tf.ome_metadata, info.n_channels))
+                info = _info_from_axes(path, _tiff_format(series), series.axes, series.shape, series.dtype,
+                                       frame_file)
+                info = _file_metadata(tf, info, frame_file)
                 _check_tiff_complete(tf, series, path)
                 _check_last_ifd(tf, path)
         except BadInputError:
@@ -192,24 +219,6 @@ def _probe_tiff(path: Path) -> StackInfo:
     if errors:
         raise BadInputError(f"corrupted or truncated TIFF {path}: {errors[0]}")
     return info
-
-
-def ome_channel_names(xml: str | None, n_channels: int) -> tuple[str, ...] | None:
-    """The first image's channel names from OME-XML; None unless there is one distinct, non-empty name per
-    channel (an RGB channel of 3 samples, missing or repeated names: no names)."""
-    if not xml:
-        return None
-    try:
-        root = ElementTree.fromstring(xml)
-    except ElementTree.ParseError:
-        return None
-    pixels = next((el for el in root.iter() if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
-    if pixels is None:
-        return None
-    names = tuple((ch.get("Name") or "").strip() for ch in pixels if ch.tag.rsplit("}", 1)[-1] == "Channel")
-    if len(names) != n_channels or not all(names) or len(set(names)) != len(names):
-        return None
-    return names
 
 
 def _pil_array(path: Path, verify: bool = False) -> np.ndarray:
@@ -229,17 +238,18 @@ def _pil_array(path: Path, verify: bool = False) -> np.ndarray:
         raise BadInputError(f"cannot read image {path}: {exc}") from exc
 
 
-def _read_tiff_file(file: Path) -> tuple[np.ndarray, str]:
+def _read_tiff_file(file: Path, frame_file: bool) -> tuple[np.ndarray, str]:
     """Whole first series of a (one-frame) TIFF with its axes letters."""
     with tifffile.TiffFile(file) as tf:
         series = tf.series[0]
-        return tf.asarray(series=0).reshape(series.shape), map_axes(series.axes, series.shape, file)
+        letters = map_axes(series.axes, series.shape, file)
+        return tf.asarray(series=0).reshape(series.shape), frame_file_letters(letters) if frame_file else letters
 
 
-def _probe_file(path: Path) -> StackInfo:
+def _probe_file(path: Path, frame_file: bool = False) -> StackInfo:
     suffix = path.suffix.lower()
     if suffix in TIFF_SUFFIXES:
-        return _probe_tiff(path)
+        return _probe_tiff(path, frame_file)
     if suffix in PIL_SUFFIXES:
         arr = _pil_array(path, verify=True)
         return _info_from_axes(path, "image", "YX" if arr.ndim == 2 else "YXS", arr.shape, arr.dtype)
@@ -250,12 +260,10 @@ def _probe_folder(folder: Path) -> StackInfo:
     files = list_folder_images(folder)
     if not files:
         raise BadInputError(f"no images ({', '.join(SUPPORTED_IMAGE_SUFFIXES)}) in folder {folder}")
-    first = _probe_file(files[0])
+    first = _probe_file(files[0], frame_file=True)
     key = (first.n_channels, first.n_z, first.height, first.width, first.dtype)
     for f in files:
-        info = first if f == files[0] else _probe_file(f)
-        if info.n_frames != 1:
-            raise BadInputError(f"{f} holds {info.n_frames} frames; a folder needs one frame per file")
+        info = first if f == files[0] else _probe_file(f, frame_file=True)
         got = (info.n_channels, info.n_z, info.height, info.width, info.dtype)
         if got != key:
             raise BadInputError(f"{f} has (C, Z, Y, X, dtype) = {got} but {files[0].name} has {key} in folder {folder}")
@@ -361,7 +369,7 @@ class StackReader:
         if self.info.format in ("folder", "image"):
             file = self._files[t] if self._files is not None else Path(self.info.path)
             if file.suffix.lower() in TIFF_SUFFIXES:
-                return (*_read_tiff_file(file), str(file))
+                return (*_read_tiff_file(file, self.info.format == "folder"), str(file))
             arr = _pil_array(file)
             return arr, map_axes("YX" if arr.ndim == 2 else "YXS", arr.shape, file), str(file)
         letters, ti = self._letters, self._letters.find("T")

@@ -4,9 +4,10 @@ Microscopes and export scripts do not always write channels in the same order (o
 DAPI|GFP, the next as GFP|DAPI). Picking channels by index then feeds the model a different stain for
 some stacks without any error. A manifest column `channels` naming each file's channels in file order
 (`Mito|PLA|DAPI|ICP4`) makes the order explicit: every stack is then read by name, in the order of
-the first stack (the reference) or of `data.channels` given as names. Without the column, OME-TIFFs
-whose metadata name every channel are matched by those names when all files agree; otherwise channels are
-indices into every file, as before.
+the first stack (the reference) or of `data.channels` given as names. Without the column, files whose
+metadata name every channel (OME channel names, ImageJ slice labels) are matched by those names when all
+files agree; otherwise channels are indices into every file, and where ImageJ files show their channels in
+other colours than the reference stack (their LUTs), a WARNING says the stains may be stored in another order.
 
 The result is expressed in the reference stack's indices, so the rest of cellmtl (checkpoints, ONNX
 metadata, the normaliser) keeps one list of channel indices; a stack whose order differs gets a
@@ -26,7 +27,7 @@ from cellmtl.io import StackInfo
 CHANNEL_COLUMN = "channels"
 SEPARATOR = "|"
 FROM_MANIFEST = f"the manifest's {CHANNEL_COLUMN!r} column"
-FROM_OME = "the OME metadata"
+FROM_FILES = "the files' metadata"
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,11 @@ def match_channels(
     its channel names (prediction: new stacks that name their channels are matched by those names; new
     stacks that do not are read at the checkpoint's indices, which is what the first training stack had).
 
-    Names come from the manifest's `channels` column, else from the files' OME metadata when every file
-    has them. Manifest names are binding: every mismatch is a BadInputError naming the stack. OME names
-    are the acquisition software's and may differ for the same stain (`DAPI` in one file, `Hoechst` in the
-    next), so where they do not match, channels stay indices (with a warning) unless `data.channels` asks
-    for names."""
+    Names come from the manifest's `channels` column, else from the files' metadata (OME channel names,
+    ImageJ slice labels) when every file has them. Manifest names are binding: every mismatch is a
+    BadInputError naming the stack. Names in the files are the acquisition software's and may differ for
+    the same stain (`DAPI` in one file, `Hoechst` in the next), so where they do not match, channels stay
+    indices (with a warning) unless `data.channels` asks for names."""
     declared, source = stack_channel_names(records, infos)
     by_name = _picks_names(selection)
     if declared is not None:
@@ -105,27 +106,62 @@ def match_channels(
         except BadInputError as exc:
             if source == FROM_MANIFEST or by_name:
                 raise
-            log.warning("%s; the OME channel names do not match, so channels are taken by index (a manifest "
-                        "column %r naming each file's channels matches them by name)", exc, CHANNEL_COLUMN)
+            log.warning("%s; the channel names in the files do not match, so channels are taken by index (a "
+                        "manifest column %r naming each file's channels matches them by name)", exc, CHANNEL_COLUMN)
     elif by_name:
         raise BadInputError(
             f"{what} {list(selection or [])} picks channels by name, but the manifest has no {CHANNEL_COLUMN!r} "
             f"column naming each file's channels in order (e.g. DAPI{SEPARATOR}GFP) and not every file names them "
-            "in OME metadata"
+            "in its metadata (OME channel names, ImageJ slice labels)"
         )
     elif names is not None:
         log.warning(
             "%s are %s by name; these stacks do not name theirs (manifest column %r), so channels %s are "
             "read, in the order of the first training stack", what, ", ".join(names), CHANNEL_COLUMN,
             list(selection or []))
+    for problem in lut_order_problems(records, infos):
+        log.warning("%s", problem)
     return list(infos), _check_indices(records, infos, selection, what), None
+
+
+def lut_order_problems(records: Sequence[StackRecord], infos: Sequence[StackInfo]) -> list[str]:
+    """Stacks read by index whose ImageJ display colours (LUTs) come in another order than the first such
+    stack's: a lab's colours follow its stains (DAPI blue), so a different order is a strong hint that the
+    file stores its stains in another order, which index-based reading would silently mix up."""
+    ref = next(((r, i) for r, i in zip(records, infos, strict=True) if i.luts is not None), None)
+    if ref is None:
+        return []
+    ref_rec, ref_info = ref
+    problems = []
+    for rec, info in zip(records, infos, strict=True):
+        if info.luts is not None and info.luts != ref_info.luts:
+            problems.append(
+                f"stack_id {rec.stack_id} ({rec.path}) shows its channels in the colours {SEPARATOR.join(info.luts)} "
+                f"but stack_id {ref_rec.stack_id} in {SEPARATOR.join(ref_info.luts)} (ImageJ LUTs): its stains may "
+                f"be stored in another order; name each file's channels in the manifest's {CHANNEL_COLUMN!r} column "
+                "(e.g. DAPI|ICP4) so they are matched by name"
+            )
+    return problems
+
+
+def check_rgb(records: Sequence[StackRecord], infos: Sequence[StackInfo], n_model: int) -> None:
+    """An RGB(A) image fed to a model trained on all channels of other images: taking its first samples as
+    the model's channels (R and G for a 2-channel model) would be a silent guess, so it is an error."""
+    for rec, info in zip(records, infos, strict=True):
+        if info.rgb and info.n_channels != n_model:
+            raise BadInputError(
+                f"stack_id {rec.stack_id} ({rec.path}) is an RGB image ({info.n_channels} samples) but the model "
+                f"reads {n_model} channel(s); export the stack with the model's channels (e.g. as a "
+                "multi-channel TIFF), or train on RGB images"
+            )
 
 
 def stack_channel_names(
     records: Sequence[StackRecord], infos: Sequence[StackInfo]
 ) -> tuple[list[tuple[str, ...]] | None, str]:
-    """(every stack's channel names, where they come from): the manifest's column, else the files' OME
-    metadata when every file has it; (None, "") when the stacks are not all named."""
+    """(every stack's channel names, where they come from): the manifest's column, else the files' metadata
+    (OME channel names, ImageJ slice labels) when every file has it; (None, "") when the stacks are not all
+    named."""
     declared = [declared_names(r, i) for r, i in zip(records, infos, strict=True)]
     named = [d is not None for d in declared]
     if any(named) and not all(named):
@@ -138,7 +174,7 @@ def stack_channel_names(
         return [d for d in declared if d is not None], FROM_MANIFEST
     from_files = [i.channel_names for i in infos]
     if all(n is not None for n in from_files):
-        return [n for n in from_files if n is not None], FROM_OME
+        return [n for n in from_files if n is not None], FROM_FILES
     return None, ""
 
 
@@ -153,6 +189,8 @@ def checkpoint_channels(
     names = ckpt.get("channel_names")
     what = "the model's input channels"
     if names is None:
+        if ckpt["config"]["data"].get("channels") is None:  # trained on every channel its stacks had
+            check_rgb(records, infos, len(ckpt["channels"]))
         return list(infos), _check_indices(records, infos, list(ckpt["channels"]), what), None
     return match_channels(records, infos, list(ckpt["channels"]), names=names, what=what)
 

@@ -6,8 +6,9 @@ The sample index is a handful of numpy arrays (one entry per frame), and frames 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -15,12 +16,20 @@ from torch.utils.data import Dataset
 
 from cellmtl.config import AugmentConfig, Config, FrameSelection
 from cellmtl.data.channels import checkpoint_channels, match_channels
-from cellmtl.data.manifest import StackRecord, load_manifest, records_from_dirs
+from cellmtl.data.manifest import (
+    FROM_CONFIG,
+    FROM_FILE,
+    StackRecord,
+    load_manifest,
+    records_from_dirs,
+)
 from cellmtl.data.splits import assign_splits
 from cellmtl.data.targets import hours_since_start, select_frames, time_targets
 from cellmtl.data.transforms import Normalizer, augment, fit_normalizer, resize
-from cellmtl.errors import BadInputError
+from cellmtl.errors import BadInputError, all_culprits
 from cellmtl.io import StackInfo, StackReader, probe_stack
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ def stack_index(
     uninfected_time: str = "elapsed",
 ) -> SampleIndex:
     """Frames of one stack, with targets (SPEC section 1), after pre-onset policy and frame selection."""
-    hours = hours_since_start(info.n_frames, rec.frame_interval_hours, rec.start_hour)
+    hours = hours_since_start(info.n_frames, rec.frame_interval_hours, rec.start_hour, rec.frame_hours)
     if rec.infected is None:
         target = np.full(hours.shape, np.nan)
         label = np.full(hours.shape, -1, dtype=np.int8)
@@ -77,14 +86,39 @@ def stack_index(
 
 
 def probe_records(records: Sequence[StackRecord]) -> list[StackInfo]:
-    """Probe every stack (shape, dtype, integrity); a failure names the stack."""
+    """Probe every stack (shape, dtype, integrity); every failure is named, by stack, in one error."""
     infos: list[StackInfo] = []
+    errors: list[str] = []
     for rec in records:
         try:
             infos.append(probe_stack(rec.path))
         except BadInputError as exc:
-            raise BadInputError(f"stack_id {rec.stack_id}: {exc}") from None
+            errors.append(f"stack_id {rec.stack_id}: {exc}")
+    if errors:
+        raise all_culprits(errors, "stacks that cannot be read")
     return infos
+
+
+def with_file_times(records: Sequence[StackRecord], infos: Sequence[StackInfo]) -> list[StackRecord]:
+    """Each stack's frame times by SPEC section 1's precedence: the manifest's (or the command line's)
+    interval, then the file's own metadata, then the config's. Where the manifest and the file disagree by
+    more than 1 %, the manifest wins and a WARNING names the stack and both values. Irregular file times
+    (OME DeltaT) are kept per frame unless the manifest sets an interval."""
+    out = []
+    for rec, info in zip(records, infos, strict=True):
+        times = info.file_times
+        if times is None:
+            out.append(rec)
+        elif rec.interval_source in (FROM_CONFIG,):
+            out.append(replace(rec, frame_interval_hours=times.interval_hours, interval_source=FROM_FILE,
+                               frame_hours=times.frame_hours))
+        else:
+            if abs(rec.frame_interval_hours - times.interval_hours) > 0.01 * times.interval_hours:
+                log.warning("stack_id %s: frame_interval_hours %g h from the %s, but the file's %s says %g h; "
+                            "using %g h", rec.stack_id, rec.frame_interval_hours, rec.interval_source,
+                            times.source, times.interval_hours, rec.frame_interval_hours)
+            out.append(rec)
+    return out
 
 
 @dataclass
@@ -147,6 +181,7 @@ def load_experiment(cfg: Config, splits: dict[str, str] | None = None, ckpt: dic
         need_both_classes=cfg.task.mode != "regression",
     )
     probed = probe_records(records)
+    records = with_file_times(records, probed)
     infos, channels, names = (match_channels(records, probed, d.channels) if ckpt is None
                               else checkpoint_channels(records, probed, ckpt))
     return Experiment(records, infos, splits, channels, names)

@@ -1,17 +1,20 @@
 """The manifest (SPEC section 3): one row per stack, validated into `StackRecord`s.
 
-Every problem is a `BadInputError` naming the manifest file, the row (as a spreadsheet line number)
-and the column or value at fault.
+Manifests are written by spreadsheets as often as by scripts, so the table is read as they save it
+(`cellmtl.data.table`). Every problem is a `BadInputError` naming the manifest file, the row (as a
+spreadsheet line number) and the column or value at fault; every bad row is reported in one go, so a
+96-row plate manifest is not fixed one error at a time.
 """
 
 from __future__ import annotations
 
-import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cellmtl.errors import BadInputError
+from cellmtl.data.table import read_table
+from cellmtl.errors import BadInputError, all_culprits
 
 REQUIRED_COLUMNS = ("stack_id", "path", "condition")
 KNOWN_COLUMNS = REQUIRED_COLUMNS + (
@@ -21,10 +24,17 @@ KNOWN_COLUMNS = REQUIRED_COLUMNS + (
     "split",
     "group",
 )
-INFECTED_WORDS = frozenset({"infected"})
-UNINFECTED_WORDS = frozenset({"uninfected", "mock", "control"})
+# Condition words, compared after lower-casing and dropping spaces, hyphens and underscores ("Mock-infected",
+# "not infected", "non_infected"): the words virologists write for their controls.
+INFECTED_WORDS = frozenset({"infected", "inf"})
+UNINFECTED_WORDS = frozenset(
+    {"uninfected", "noninfected", "notinfected", "ni", "mock", "mockinfected", "control", "ctrl", "negative"}
+)
 SPLITS = ("train", "val", "test")
 TIFF_SUFFIXES = (".tif", ".tiff")
+NUMERIC_COLUMNS = ("infection_onset_hour", "frame_interval_hours", "start_hour")
+# Where a stack's frame interval came from (SPEC section 1's precedence), shown by check-data.
+FROM_MANIFEST, FROM_FILE, FROM_CONFIG, FROM_COMMAND_LINE = "manifest", "file", "config", "command line"
 
 
 @dataclass(frozen=True)
@@ -35,11 +45,14 @@ class StackRecord:
     path: str
     infected: bool | None  # None: unknown (prediction on unlabelled stacks)
     onset_hour: float | None  # infection onset, hours since start; None for uninfected
-    frame_interval_hours: float
+    frame_interval_hours: float  # hours between frames, resolved (see interval_source)
     start_hour: float
     split: str | None
     group: str
     extra: dict[str, str] = field(default_factory=dict)
+    interval_source: str = FROM_MANIFEST  # FROM_MANIFEST, FROM_FILE, FROM_CONFIG or FROM_COMMAND_LINE
+    # each frame's hours since the first frame, where the file records irregular times (OME DeltaT)
+    frame_hours: tuple[float, ...] | None = None
 
     @property
     def condition(self) -> str:
@@ -47,21 +60,27 @@ class StackRecord:
 
 
 def parse_condition(value: str, where: str) -> bool:
-    word = value.strip().lower()
+    """True for infected, False for uninfected, whichever of the accepted words (case, spaces and hyphens
+    ignored) the sheet uses."""
+    word = re.sub(r"[\s_-]+", "", value.lower())
     if word in INFECTED_WORDS:
         return True
     if word in UNINFECTED_WORDS:
         return False
     raise BadInputError(
-        f"{where}: unknown condition {value!r} (use infected, or uninfected/mock/control)"
+        f"{where}: unknown condition {value!r} (use infected/inf, or uninfected/mock/control/ctrl/NI/"
+        "non-infected/not infected/mock-infected/negative)"
     )
 
 
-def _float(value: str | None, column: str, where: str) -> float | None:
+def _float(value: str | None, column: str, where: str, decimal_comma: bool = False) -> float | None:
     if value is None or value.strip() == "":
         return None
+    text = value.strip()
+    if decimal_comma and re.fullmatch(r"[+-]?\d*,\d+", text):
+        text = text.replace(",", ".")  # European spreadsheets: 0,5 in a ;- or tab-separated file
     try:
-        out = float(value)
+        out = float(text)
     except ValueError:
         raise BadInputError(f"{where}: column {column!r} must be a number, got {value!r}") from None
     if not math.isfinite(out):
@@ -77,6 +96,7 @@ def _record(
     default_interval: float,
     default_onset: float | None,
     labelled: bool,
+    decimal_comma: bool = False,
 ) -> StackRecord:
     stack_id = (row.get("stack_id") or "").strip()
     if not stack_id:
@@ -84,13 +104,14 @@ def _record(
     raw_path = (row.get("path") or "").strip()
     if not raw_path:
         raise BadInputError(f"{where} (stack_id {stack_id}): empty path")
-    path = Path(raw_path)
+    path = Path(raw_path.replace("\\", "/"))  # a Windows sheet's stacks\A1.tif is stacks/A1.tif here
     path = path if path.is_absolute() else base / path
     if not path.exists():
         raise BadInputError(f"{where} (stack_id {stack_id}): file not found: {path}")
     cond = row.get("condition")
     infected = parse_condition(cond, f"{where} (stack_id {stack_id})") if labelled or (cond or "").strip() else None
-    onset = _float(row.get("infection_onset_hour"), "infection_onset_hour", where)
+    number = {c: _float(row.get(c), c, where, decimal_comma) for c in NUMERIC_COLUMNS}
+    onset = number["infection_onset_hour"]
     if infected:
         onset = default_onset if onset is None else onset
         if onset is None:
@@ -100,16 +121,19 @@ def _record(
             )
     else:
         onset = None
-    interval = _float(row.get("frame_interval_hours"), "frame_interval_hours", where) or default_interval
+    interval, source = number["frame_interval_hours"], FROM_MANIFEST
+    if interval is None:
+        interval, source = default_interval, FROM_CONFIG  # the file's own metadata may still say (probe time)
     if interval <= 0:
         raise BadInputError(f"{where}: frame_interval_hours must be > 0, got {interval}")
-    start = _float(row.get("start_hour"), "start_hour", where) or 0.0
+    start = number["start_hour"] or 0.0
     split = (row.get("split") or "").strip().lower() or None
     if split is not None and split not in SPLITS:
         raise BadInputError(f"{where} (stack_id {stack_id}): unknown split {split!r} (use train, val or test)")
     group = (row.get("group") or "").strip() or stack_id
     extra = {k: (v or "") for k, v in row.items() if k is not None and k not in KNOWN_COLUMNS}
-    return StackRecord(stack_id, str(path), infected, onset, float(interval), float(start), split, group, extra)
+    return StackRecord(stack_id, str(path), infected, onset, float(interval), float(start), split, group, extra,
+                       interval_source=source)
 
 
 def load_manifest(
@@ -123,20 +147,20 @@ def load_manifest(
     path = Path(path)
     if not path.is_file():
         raise BadInputError(f"manifest not found: {path}")
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        required = REQUIRED_COLUMNS if labelled else ("stack_id", "path")
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise BadInputError(f"manifest {path}: missing required column(s) {', '.join(missing)}")
-        reader.fieldnames = columns
-        records: list[StackRecord] = []
-        seen: dict[str, int] = {}
-        for line, row in enumerate(reader, start=2):
-            if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
-                continue  # blank line
-            where = f"manifest {path} row {line}"
+    table = read_table(path)
+    required = REQUIRED_COLUMNS if labelled else ("stack_id", "path")
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise BadInputError(
+            f"manifest {path}: missing required column(s) {', '.join(missing)} (read as {table.how}; columns "
+            f"found: {', '.join(table.columns) or 'none'})"
+        )
+    records: list[StackRecord] = []
+    errors: list[str] = []
+    seen: dict[str, int] = {}
+    for line, row in table.rows:
+        where = f"row {line}"
+        try:
             rec = _record(
                 row,
                 where,
@@ -144,11 +168,19 @@ def load_manifest(
                 default_interval=default_interval,
                 default_onset=default_onset,
                 labelled=labelled,
+                decimal_comma=table.delimiter != ",",
             )
             if rec.stack_id in seen:
                 raise BadInputError(f"{where}: duplicate stack_id {rec.stack_id!r} (first on row {seen[rec.stack_id]})")
-            seen[rec.stack_id] = line
-            records.append(rec)
+        except BadInputError as exc:
+            errors.append(str(exc))
+            continue
+        seen[rec.stack_id] = line
+        records.append(rec)
+    if len(errors) == 1:
+        raise BadInputError(f"manifest {path} {errors[0]}")
+    if errors:  # every bad row in one error, the file named once
+        raise all_culprits(errors, f"manifest {path}")
     if not records:
         raise BadInputError(f"manifest {path}: no stacks listed")
     return records
@@ -179,5 +211,6 @@ def records_from_dirs(
                     f"infected stack {f} has no onset: set multitask.infection_onset_hour or use a manifest"
                 )
             onset = default_onset if infected else None
-            records.append(StackRecord(f.stem, str(f.resolve()), infected, onset, default_interval, 0.0, None, f.stem))
+            records.append(StackRecord(f.stem, str(f.resolve()), infected, onset, default_interval, 0.0, None, f.stem,
+                                       interval_source=FROM_CONFIG))
     return records

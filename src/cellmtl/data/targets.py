@@ -5,14 +5,23 @@ Hours are hours since experiment start unless a name says otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 PRE_ONSET_POLICIES = ("drop", "keep", "as_uninfected")
 UNINFECTED_TIME = ("elapsed", "zero", "ignore")
 
 
-def hours_since_start(n_frames: int, frame_interval_hours: float, start_hour: float = 0.0) -> np.ndarray:
-    """`start_hour + i * frame_interval_hours` for i in 0..n_frames-1, float64 [T] hours."""
+def hours_since_start(
+    n_frames: int, frame_interval_hours: float, start_hour: float = 0.0, frame_hours: Sequence[float] | None = None
+) -> np.ndarray:
+    """`start_hour + i * frame_interval_hours` for i in 0..n_frames-1, float64 [T] hours; where the file
+    records each frame's own time (`frame_hours`, hours since its first frame), `start_hour + frame_hours[i]`."""
+    if frame_hours is not None:
+        if len(frame_hours) != n_frames:
+            raise ValueError(f"{len(frame_hours)} frame times for {n_frames} frames")
+        return start_hour + np.asarray(frame_hours, dtype=np.float64)
     return start_hour + np.arange(n_frames, dtype=np.float64) * frame_interval_hours
 
 
