@@ -296,6 +296,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             parts.append(f"unknown key {loc!r}")
         elif e["type"] == "missing":
             parts.append(f"missing key {loc!r}")
+        elif not e["loc"]:  # a check across keys: its input is the whole config, which says nothing
+            parts.append(msg)
         else:
             parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
     return f"config {source}: " + "; ".join(parts)

@@ -367,6 +367,7 @@ def checkpoint_dict(s: Setup, epoch: int) -> dict[str, Any]:
         "normalizer": s.normalizer.to_dict(),
         "channels": list(s.exp.channels),
         "channel_names": s.exp.channel_names,
+        "channel_luts": list(s.exp.infos[0].luts) if s.exp.infos[0].luts else None,  # the reference's colours
         "image_size": s.cfg.data.image_size,
         "temporal_context_hours": s.cfg.data.temporal_context_hours,
         "time_shift": float(s.model.time_shift),

@@ -86,6 +86,7 @@ def match_channels(
     *,
     names: Sequence[str] | None = None,
     what: str = "data.channels",
+    luts: Sequence[str] | None = None,
 ) -> tuple[list[StackInfo], list[int], list[str] | None]:
     """(infos, channel indices in the reference stack's order, their names or None).
 
@@ -97,7 +98,9 @@ def match_channels(
     ImageJ slice labels) when every file has them. Manifest names are binding: every mismatch is a
     BadInputError naming the stack. Names in the files are the acquisition software's and may differ for
     the same stain (`DAPI` in one file, `Hoechst` in the next), so where they do not match, channels stay
-    indices (with a warning) unless `data.channels` asks for names."""
+    indices (with a warning) unless `data.channels` asks for names. Stacks read by index whose ImageJ
+    display colours come in another order than `luts` (a checkpoint's training colours; default: the
+    first stack's) get a warning (`lut_order_problems`)."""
     declared, source = stack_channel_names(records, infos)
     by_name = _picks_names(selection)
     if declared is not None:
@@ -119,27 +122,33 @@ def match_channels(
             "%s are %s by name; these stacks do not name theirs (manifest column %r), so channels %s are "
             "read, in the order of the first training stack", what, ", ".join(names), CHANNEL_COLUMN,
             list(selection or []))
-    for problem in lut_order_problems(records, infos):
+    for problem in lut_order_problems(records, infos, luts):
         log.warning("%s", problem)
     return list(infos), _check_indices(records, infos, selection, what), None
 
 
-def lut_order_problems(records: Sequence[StackRecord], infos: Sequence[StackInfo]) -> list[str]:
-    """Stacks read by index whose ImageJ display colours (LUTs) come in another order than the first such
-    stack's: a lab's colours follow its stains (DAPI blue), so a different order is a strong hint that the
-    file stores its stains in another order, which index-based reading would silently mix up."""
-    ref = next(((r, i) for r, i in zip(records, infos, strict=True) if i.luts is not None), None)
-    if ref is None:
-        return []
-    ref_rec, ref_info = ref
+def lut_order_problems(
+    records: Sequence[StackRecord], infos: Sequence[StackInfo], luts: Sequence[str] | None = None
+) -> list[str]:
+    """Stacks whose ImageJ display colours (LUTs) come in another order than `luts` (the training stacks',
+    from a checkpoint) or than the first stack that has them: a lab's colours follow its stains (DAPI blue),
+    so a different order is a strong hint that the file stores its stains in another order, which reading
+    channels by index would silently mix up."""
+    if luts is not None:
+        ref_luts, ref_name = tuple(luts), "the model's training stacks"
+    else:
+        ref = next(((r, i) for r, i in zip(records, infos, strict=True) if i.luts is not None), None)
+        if ref is None:
+            return []
+        ref_luts, ref_name = ref[1].luts, f"stack_id {ref[0].stack_id}"
     problems = []
     for rec, info in zip(records, infos, strict=True):
-        if info.luts is not None and info.luts != ref_info.luts:
+        if info.luts is not None and info.luts != ref_luts:
             problems.append(
                 f"stack_id {rec.stack_id} ({rec.path}) shows its channels in the colours {SEPARATOR.join(info.luts)} "
-                f"but stack_id {ref_rec.stack_id} in {SEPARATOR.join(ref_info.luts)} (ImageJ LUTs): its stains may "
-                f"be stored in another order; name each file's channels in the manifest's {CHANNEL_COLUMN!r} column "
-                "(e.g. DAPI|ICP4) so they are matched by name"
+                f"but {ref_name} in {SEPARATOR.join(ref_luts)} (ImageJ LUTs): its stains may be stored in another "
+                f"order; name each file's channels in the manifest's {CHANNEL_COLUMN!r} column (e.g. DAPI|ICP4) so "
+                "they are matched by name"
             )
     return problems
 
@@ -186,13 +195,15 @@ def checkpoint_channels(
     A checkpoint's indices count from the first stack of its training manifest; reading them against today's
     first stack would feed other stains once rows are re-sorted or stacks added. So a checkpoint with names is
     matched by its names, and one trained without names reads its plain indices in every file, as in training."""
-    names = ckpt.get("channel_names")
+    names, luts = ckpt.get("channel_names"), ckpt.get("channel_luts")
     what = "the model's input channels"
     if names is None:
         if ckpt["config"]["data"].get("channels") is None:  # trained on every channel its stacks had
             check_rgb(records, infos, len(ckpt["channels"]))
+        for problem in lut_order_problems(records, infos, luts):
+            log.warning("%s", problem)
         return list(infos), _check_indices(records, infos, list(ckpt["channels"]), what), None
-    return match_channels(records, infos, list(ckpt["channels"]), names=names, what=what)
+    return match_channels(records, infos, list(ckpt["channels"]), names=names, what=what, luts=luts)
 
 
 def _check_names(rec: StackRecord, own: Sequence[str], wanted: Sequence[str], source: str, what: str) -> None:
