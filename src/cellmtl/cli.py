@@ -103,6 +103,27 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from cellmtl.data.plate import PRESETS, write_manifest
+
+    if (args.pattern is None) == (args.preset is None):
+        raise BadInputError("manifest needs --pattern PATTERN or --preset NAME (one of them)")
+    pattern = args.pattern or PRESETS[args.preset]
+    channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
+    text, stacks, order = write_manifest(args.images, pattern, args.plate_map, args.out, channels=channels,
+                                         interval_hours=args.interval_hours, dry_run=args.dry_run)
+    wells = {(st.plate, st.well) for st in stacks}
+    lo, hi = min(len(st.hours) for st in stacks), max(len(st.hours) for st in stacks)
+    print(f"{len(stacks)} stacks from {len(wells)} wells, {lo if lo == hi else f'{lo}-{hi}'} frames each; channels "
+          f"in this order: {', '.join(order)}{'' if args.channels else ' (sorted; --channels a,b sets the order)'}",
+          file=sys.stderr)
+    if args.dry_run:
+        print(text, end="")
+    else:
+        print(args.out)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cellmtl.evaluation import evaluate_run
 
@@ -231,6 +252,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="seeds per mode: config seed, seed+1, ... (paired tests "
                    "need 2 or more)")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("manifest", help="write a manifest from per-image files (plate imagers) and a plate map")
+    p.add_argument("--images", type=Path, required=True, help="folder of the exported images (searched recursively)")
+    p.add_argument("--pattern", help="the parts of a file name, e.g. 'P1_{well}_{field}_{channel}_{time}.tif'; parts: "
+                   "{plate} {well} (or {row} {col}) {field} {channel} {time} {plane} {*}; {time} reads 00d12h30m, 12h, "
+                   "12.5h, 90min, or a frame index t012 (with --interval-hours)")
+    p.add_argument("--preset", choices=("incucyte", "imagexpress", "operetta", "cellvoyager"),
+                   help="the file names of a plate imager's export instead of --pattern (see the guide)")
+    p.add_argument("--plate-map", type=Path, required=True,
+                   help="CSV/xlsx, one row per well: a 'well' column (B2, B02, b2) and any others (condition, "
+                   "infection_onset_hour, moi, ...), copied into every stack of that well")
+    p.add_argument("--out", type=Path, required=True, help="the manifest CSV to write (its stacks go beside it)")
+    p.add_argument("--channels", help="channel names in the order the model reads them, comma-separated "
+                   "(default: sorted)")
+    p.add_argument("--interval-hours", type=float, help="hours between frames when {time} is a frame index")
+    p.add_argument("--dry-run", action="store_true", help="print the manifest it would write; write nothing")
+    p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("check-data", help="read every stack of a config; report counts, shapes, times, problems")
     _add_config_args(p)

@@ -1,5 +1,6 @@
-"""Readers for time-lapse stacks: one TIFF (multi-page, ImageJ hyperstack, OME-TIFF), a folder of per-frame
-images, or a single 2-D image.
+"""Readers for time-lapse stacks: one TIFF (multi-page, ImageJ hyperstack, OME-TIFF), a folder of per-time-point
+images (each file one time point; its planes are channels, or Z where it says so), a frame list written by
+`cellmtl manifest` (one file per channel and time point, e.g. a plate imager's export), or a single 2-D image.
 
 Every reader yields float32 ``[C, Y, X]`` frames with raw intensities (no rescaling); a Z axis is max-projected.
 Frames are read lazily so that a `StackReader` can be shipped to DataLoader workers. Every bad input raises
@@ -8,6 +9,7 @@ Frames are read lazily so that a `StackReader` can be shipped to DataLoader work
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -24,9 +26,20 @@ import tifffile
 from PIL import Image
 
 from cellmtl.errors import BadInputError
-from cellmtl.filemeta import FileTimes, imagej_channel_names, imagej_luts, imagej_times, ome_channel_names, ome_times
+from cellmtl.filemeta import (
+    FileTimes,
+    distinct_names,
+    imagej_channel_names,
+    imagej_luts,
+    imagej_times,
+    ome_channel_names,
+    ome_times,
+    regular_or_irregular,
+)
 
 TIFF_SUFFIXES = (".tif", ".tiff")
+FRAME_LIST_SUFFIX = ".frames.json"  # `cellmtl manifest`'s stacks of per-channel, per-time-point files
+FRAME_LIST_KEY = "cellmtl_frame_list"  # the format version marker inside one
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 SUPPORTED_IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
 SUPPORTED_DTYPES = frozenset({"uint8", "uint16", "int8", "int16", "uint32", "int32", "float16", "float32", "float64"})
@@ -39,7 +52,7 @@ class StackInfo:
     """What `probe_stack` found; all a `StackReader` needs (so it pickles cheaply)."""
 
     path: str  # absolute path as string
-    format: str  # 'imagej' | 'ome' | 'tiff' | 'folder' | 'image'
+    format: str  # 'imagej' | 'ome' | 'tiff' | 'folder' | 'frames' | 'image'
     n_frames: int  # T
     n_channels: int  # C (1 if no channel axis; RGB samples 'S' count as channels)
     height: int  # Y
@@ -270,12 +283,74 @@ def _probe_folder(folder: Path) -> StackInfo:
     return replace(first, path=str(folder), format="folder", n_frames=len(files), axes="T" + first.axes)
 
 
+@dataclass(frozen=True)
+class FrameList:
+    """A stack made of separate files: `files[t][c]` are the images (Z planes, max-projected) of channel c at
+    time point t, with `hours[t]` hours since the experiment started; paths are absolute."""
+
+    channels: tuple[str, ...]
+    hours: tuple[float, ...]
+    files: tuple[tuple[tuple[str, ...], ...], ...]
+
+
+def write_frame_list(
+    path: Path, channels: Sequence[str], hours: Sequence[float], files: Sequence[Sequence[Sequence[Path]]]
+) -> None:
+    """The stack file `cellmtl manifest` writes (`files[t][c]`: the planes of channel c at time t); paths are
+    stored relative to it, so the manifest, its stack files and the images can move together."""
+    rel = [[[os.path.relpath(f, path.parent) for f in planes] for planes in frame] for frame in files]
+    doc = {FRAME_LIST_KEY: 1, "channels": list(channels), "hours": [float(h) for h in hours], "files": rel}
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
+
+def read_frame_list(path: str | Path) -> FrameList:
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        files = tuple(tuple(tuple(str((path.parent / f).resolve()) for f in planes) for planes in frame)
+                      for frame in doc["files"])
+        out = FrameList(tuple(str(c) for c in doc["channels"]), tuple(float(h) for h in doc["hours"]), files)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(f"cannot read frame list {path}: {exc.__class__.__name__}: {exc}") from None
+    planes = {len(p) for frame in out.files for p in frame}
+    if doc.get(FRAME_LIST_KEY) != 1 or not out.files or len(out.hours) != len(out.files) or len(planes) != 1 or any(
+        len(frame) != len(out.channels) for frame in out.files
+    ):
+        raise BadInputError(f"frame list {path} is not a cellmtl frame list (version 1: the same planes of every "
+                            "channel at every time point); write it again with cellmtl manifest")
+    return out
+
+
+def _probe_frame_list(path: Path) -> StackInfo:
+    """Every file of the list must exist and agree in shape; each is one plane of one channel and time point."""
+    frames = read_frame_list(path)
+    every = [f for frame in frames.files for planes in frame for f in planes]
+    missing = [f for f in every if not os.path.isfile(f)]
+    if missing:
+        raise BadInputError(f"frame list {path}: {len(missing)} file(s) missing, e.g. {missing[0]}")
+    first = _probe_file(Path(every[0]), frame_file=True)
+    key = (1, first.n_z, first.height, first.width, first.dtype)
+    for f in sorted(set(every) - {every[0]}):
+        info = _probe_file(Path(f), frame_file=True)
+        got = (info.n_channels, info.n_z, info.height, info.width, info.dtype)
+        if got != key:
+            raise BadInputError(f"{f} has (C, Z, Y, X, dtype) = {got} but {every[0]} has {key} (frame list {path}; "
+                                "one channel per file)")
+    times = regular_or_irregular([h - frames.hours[0] for h in frames.hours], "file names")
+    n_z = first.n_z * len(frames.files[0][0])
+    return replace(first, path=str(path), format="frames", n_frames=len(frames.files), n_channels=len(frames.channels),
+                   n_z=n_z, axes="TC" + first.axes, channel_names=distinct_names(frames.channels, len(frames.channels)),
+                   file_times=times, luts=None, rgb=False)
+
+
 def probe_stack(path: str | Path) -> StackInfo:
     """Open the file/folder, validate, return metadata. Raises BadInputError."""
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise BadInputError(f"no such file or folder: {p}")
-    return _probe_folder(p) if p.is_dir() else _probe_file(p)
+    if p.is_dir():
+        return _probe_folder(p)
+    return _probe_frame_list(p) if p.name.endswith(FRAME_LIST_SUFFIX) else _probe_file(p)
 
 
 def _lead_axes(shape: Sequence[int], page_size: int) -> int:
@@ -306,6 +381,7 @@ class StackReader:
         self._fd: int | None = None  # contiguous data with T first: frames read by os.pread
         self._frame: tuple[int, np.dtype, tuple[int, ...]] | None = None  # (data offset, dtype, frame shape)
         self._files: list[Path] | None = None
+        self._frame_files: tuple[tuple[tuple[str, ...], ...], ...] | None = None  # frame lists: [t][c][z] paths
         self._letters, self._shape, self._lead = "", (), 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -341,6 +417,8 @@ class StackReader:
             self._files = list_folder_images(path)
             if len(self._files) != self.info.n_frames:
                 raise BadInputError(f"folder {path} now has {len(self._files)} images, probed {self.info.n_frames}")
+        elif self.info.format == "frames":
+            self._frame_files = read_frame_list(path).files
         elif self.info.format != "image":
             try:
                 tf = tifffile.TiffFile(path)
@@ -366,12 +444,15 @@ class StackReader:
 
     def _raw_frame(self, t: int) -> tuple[np.ndarray, str, str]:
         """Stored pixels of frame t with their axes letters (T removed), plus the file to blame."""
+        if self._frame_files is not None:  # one file per channel (and plane): [C, Z, Y, X]
+            channels = []
+            for planes in self._frame_files[t]:
+                zs = [to_zcyx(*self._single_file(Path(f), frame_file=True)[:2])[:, 0] for f in planes]
+                channels.append(np.concatenate(zs))
+            return np.stack(channels), "CZYX", self._frame_files[t][0][0]
         if self.info.format in ("folder", "image"):
             file = self._files[t] if self._files is not None else Path(self.info.path)
-            if file.suffix.lower() in TIFF_SUFFIXES:
-                return (*_read_tiff_file(file, self.info.format == "folder"), str(file))
-            arr = _pil_array(file)
-            return arr, map_axes("YX" if arr.ndim == 2 else "YXS", arr.shape, file), str(file)
+            return self._single_file(file, frame_file=self.info.format == "folder")
         letters, ti = self._letters, self._letters.find("T")
         rest = letters.replace("T", "")
         if self._fd is not None and self._frame is not None:
@@ -391,6 +472,14 @@ class StackReader:
         keys = np.take(np.arange(math.prod(lead)).reshape(lead), t, axis=ti).ravel().tolist()
         arr = self._tf.asarray(key=keys, series=0)
         return arr.reshape(lead[:ti] + lead[ti + 1 :] + self._shape[self._lead :]), rest, self.info.path
+
+    @staticmethod
+    def _single_file(file: Path, frame_file: bool) -> tuple[np.ndarray, str, str]:
+        """One whole image file (a folder's or a frame list's) with its axes letters and its name."""
+        if file.suffix.lower() in TIFF_SUFFIXES:
+            return (*_read_tiff_file(file, frame_file), str(file))
+        arr = _pil_array(file)
+        return arr, map_axes("YX" if arr.ndim == 2 else "YXS", arr.shape, file), str(file)
 
     def read(self, t: int, channels: Sequence[int] | None = None) -> np.ndarray:
         """float32 [C, Y, X] for frame t (Z max-projected), only the selected channels.

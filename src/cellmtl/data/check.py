@@ -89,10 +89,13 @@ def frame_notes(exp: Experiment, image_size: int) -> list[str]:
     for r, i in zip(exp.records, exp.infos, strict=True):
         sizes.setdefault((i.height, i.width), []).append(r.stack_id)
     for (h, w), sids in sorted(sizes.items()):
+        which = f"{_plural(len(sids), 'stack')} ({', '.join(sids[:3])}{' ...' if len(sids) > 3 else ''})"
+        if h == w == image_size:
+            notes.append(f"kept at {h} x {w} px (data.image_size; no resizing): {which}")
+            continue
         scale = f"x {image_size / w:.3g} in X, x {image_size / h:.3g} in Y"
         how = "uniform" if h == w else f"non-uniform, the aspect ratio changes: {scale}"
-        notes.append(f"resized from {h} x {w} (Y x X) to {image_size} x {image_size} px ({how}): "
-                     f"{_plural(len(sids), 'stack')} ({', '.join(sids[:3])}{' ...' if len(sids) > 3 else ''})")
+        notes.append(f"resized from {h} x {w} (Y x X) to {image_size} x {image_size} px ({how}): {which}")
     return notes
 
 
