@@ -106,19 +106,22 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_manifest(args: argparse.Namespace) -> int:
     from cellmtl.data.plate import PRESETS, write_manifest
 
-    if (args.pattern is None) == (args.preset is None):
-        raise BadInputError("manifest needs --pattern PATTERN or --preset NAME (one of them)")
-    pattern = args.pattern or PRESETS[args.preset]
+    if args.pattern is not None and args.preset is not None:
+        raise BadInputError("manifest takes --pattern PATTERN or --preset NAME, not both")
+    pattern = args.pattern or (PRESETS[args.preset] if args.preset else None)
     channels = [c.strip() for c in args.channels.split(",") if c.strip()] if args.channels else None
-    text, stacks, order = write_manifest(args.images, pattern, args.plate_map, args.out, channels=channels,
-                                         interval_hours=args.interval_hours, dry_run=args.dry_run)
-    wells = {(st.plate, st.well) for st in stacks}
-    lo, hi = min(len(st.hours) for st in stacks), max(len(st.hours) for st in stacks)
-    print(f"{len(stacks)} stacks from {len(wells)} wells, {lo if lo == hi else f'{lo}-{hi}'} frames each; channels "
-          f"in this order: {', '.join(order)}{'' if args.channels else ' (sorted; --channels a,b sets the order)'}",
-          file=sys.stderr)
+    done = write_manifest(args.images, pattern, args.plate_map, args.out, channels=channels,
+                          interval_hours=args.interval_hours, dry_run=args.dry_run)
+    what = f"{done.n_stacks} stacks from {done.n_wells} wells"
+    if done.frames is None:  # an OME-Zarr plate: its images keep their own frames and channel names
+        print(f"{what} of the OME-Zarr plate", file=sys.stderr)
+    else:
+        lo, hi = done.frames
+        print(f"{what}, {lo if lo == hi else f'{lo}-{hi}'} frames each; channels in this order: "
+              f"{', '.join(done.channels)}{'' if args.channels else ' (sorted; --channels a,b sets the order)'}",
+              file=sys.stderr)
     if args.dry_run:
-        print(text, end="")
+        print(done.text, end="")
     else:
         print(args.out)
     return 0
@@ -254,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("manifest", help="write a manifest from per-image files (plate imagers) and a plate map")
-    p.add_argument("--images", type=Path, required=True, help="folder of the exported images (searched recursively)")
+    p.add_argument("--images", type=Path, required=True,
+                   help="folder of the exported images (searched recursively), or an OME-Zarr HCS plate")
     p.add_argument("--pattern", help="the parts of a file name, e.g. 'P1_{well}_{field}_{channel}_{time}.tif'; parts: "
                    "{plate} {well} (or {row} {col}) {field} {channel} {time} {plane} {*}; {time} reads 00d12h30m, 12h, "
                    "12.5h, 90min, or a frame index t012 (with --interval-hours)")

@@ -175,3 +175,75 @@ def imagej_luts(ij: Mapping[str, Any] | None, n_channels: int) -> tuple[str, ...
     if n_channels < 2 or len(luts) != n_channels:
         return None
     return tuple(lut_name(lut) for lut in luts)
+
+
+@dataclass(frozen=True)
+class NgffImage:
+    """What an OME-Zarr (NGFF 0.4 / 0.5) image group's attributes say. `axes`: the array's axes as letters of
+    'TCZYX' (NGFF fixes this order, some may be absent); `path`: the full-resolution array in the group."""
+
+    axes: str
+    path: str
+    times: FileTimes | None
+    channel_labels: tuple[str, ...]  # `omero` channel labels as written (check with `distinct_names`)
+    version: str
+
+
+def ngff_attrs(attrs: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """(the OME metadata, NGFF version): 0.5 keeps it under 'ome', 0.4 at the top level."""
+    if isinstance(attrs.get("ome"), Mapping):
+        ome = dict(attrs["ome"])
+        return ome, str(ome.get("version", "0.5"))
+    ms = attrs.get("multiscales") or [{}]
+    return dict(attrs), str(ms[0].get("version", "0.4") if isinstance(ms[0], Mapping) else "0.4")
+
+
+def _scale(transforms: Any, n: int) -> list[float]:
+    for t in transforms or []:
+        if isinstance(t, Mapping) and t.get("type") == "scale" and len(t.get("scale", [])) == n:
+            return [float(v) for v in t["scale"]]
+    return [1.0] * n
+
+
+def ngff_image(attrs: Mapping[str, Any], n_frames: int | None = None) -> NgffImage | None:
+    """An NGFF image's axes, full-resolution array, time step (the t axis's unit times its scale, full
+    resolution and multiscale-level transforms combined) and `omero` channel labels; None when the attributes
+    hold no multiscales (a plate or well group, or not NGFF at all)."""
+    ome, version = ngff_attrs(attrs)
+    multiscales = ome.get("multiscales")
+    if not multiscales or not isinstance(multiscales[0], Mapping):
+        return None
+    ms = multiscales[0]
+    axes_meta = ms.get("axes") or [{"name": a} for a in "tczyx"]  # NGFF 0.3 and older: always 5-D tczyx
+    names = [(a.get("name") if isinstance(a, Mapping) else str(a)) or "" for a in axes_meta]
+    letters = "".join(n.upper()[:1] for n in names)
+    datasets = ms.get("datasets") or [{}]
+    n = len(letters)
+    scale = [a * b for a, b in zip(_scale(datasets[0].get("coordinateTransformations"), n),
+                                   _scale(ms.get("coordinateTransformations"), n), strict=True)]
+    times = None
+    if "T" in letters:
+        k = letters.index("T")
+        unit = axes_meta[k].get("unit") if isinstance(axes_meta[k], Mapping) else None
+        per_unit = hours_per_unit(unit) if unit else None
+        if per_unit is not None and scale[k] > 0 and (n_frames is None or n_frames > 1):
+            times = FileTimes(scale[k] * per_unit, None, "NGFF axes")
+    omero = ome.get("omero") or {}
+    labels = tuple(str(c.get("label") or "") for c in omero.get("channels") or [] if isinstance(c, Mapping))
+    return NgffImage(letters, str(datasets[0].get("path", "0")), times, labels, version)
+
+
+def ngff_plate_images(
+    plate_attrs: Mapping[str, Any], well_attrs: Mapping[str, Mapping[str, Any]]
+) -> list[tuple[str, str, str]]:
+    """(well name, field, image path within the plate) for every image of an NGFF HCS plate; `well_attrs`
+    maps each well's path ('B/2') to that well group's attributes."""
+    ome, _ = ngff_attrs(plate_attrs)
+    out = []
+    for w in (ome.get("plate") or {}).get("wells") or []:
+        wpath = str(w.get("path", ""))
+        row, _, col = wpath.partition("/")
+        wome, _ = ngff_attrs(well_attrs.get(wpath) or {})
+        for k, img in enumerate((wome.get("well") or {}).get("images") or []):
+            out.append((f"{row.upper()}{int(col) if col.isdigit() else col}", str(k), f"{wpath}/{img.get('path')}"))
+    return out

@@ -28,10 +28,13 @@ from PIL import Image
 from cellmtl.errors import BadInputError
 from cellmtl.filemeta import (
     FileTimes,
+    NgffImage,
     distinct_names,
     imagej_channel_names,
     imagej_luts,
     imagej_times,
+    ngff_attrs,
+    ngff_image,
     ome_channel_names,
     ome_times,
     regular_or_irregular,
@@ -42,6 +45,8 @@ FRAME_LIST_SUFFIX = ".frames.json"  # `cellmtl manifest`'s stacks of per-channel
 FRAME_LIST_KEY = "cellmtl_frame_list"  # the format version marker inside one
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 SUPPORTED_IMAGE_SUFFIXES = TIFF_SUFFIXES + PIL_SUFFIXES
+# Vendor formats without a permissive reader tested here (no sample file could be had): named in the error.
+VENDOR_SUFFIXES = {".nd2": "Nikon NIS-Elements (.nd2)", ".czi": "Zeiss ZEN (.czi)", ".lif": "Leica LAS X (.lif)"}
 SUPPORTED_DTYPES = frozenset({"uint8", "uint16", "int8", "int16", "uint32", "int32", "float16", "float32", "float64"})
 # tifffile axis letters we understand; 'S' (RGB samples) counts as channels. Others ('I', 'Q', ...) are unknown.
 _CANON = {"T": "T", "Z": "Z", "C": "C", "S": "C", "Y": "Y", "X": "X"}
@@ -52,7 +57,7 @@ class StackInfo:
     """What `probe_stack` found; all a `StackReader` needs (so it pickles cheaply)."""
 
     path: str  # absolute path as string
-    format: str  # 'imagej' | 'ome' | 'tiff' | 'folder' | 'frames' | 'image'
+    format: str  # 'imagej' | 'ome' | 'tiff' | 'folder' | 'frames' | 'zarr' | 'image'
     n_frames: int  # T
     n_channels: int  # C (1 if no channel axis; RGB samples 'S' count as channels)
     height: int  # Y
@@ -266,7 +271,14 @@ def _probe_file(path: Path, frame_file: bool = False) -> StackInfo:
     if suffix in PIL_SUFFIXES:
         arr = _pil_array(path, verify=True)
         return _info_from_axes(path, "image", "YX" if arr.ndim == 2 else "YXS", arr.shape, arr.dtype)
-    raise BadInputError(f"unsupported file type {suffix!r} of {path}; expected one of {SUPPORTED_IMAGE_SUFFIXES}")
+    if suffix in VENDOR_SUFFIXES:
+        raise BadInputError(
+            f"{path}: {VENDOR_SUFFIXES[suffix]} files are not read by cellmtl yet; convert them to OME-Zarr "
+            "(bioformats2raw) or OME-TIFF (Fiji: File > Save As > OME-TIFF), which keep the frame times and "
+            "channel names"
+        )
+    raise BadInputError(f"unsupported file type {suffix!r} of {path}; expected one of {SUPPORTED_IMAGE_SUFFIXES}, "
+                        "a folder of them, or an OME-Zarr image")
 
 
 def _probe_folder(folder: Path) -> StackInfo:
@@ -343,11 +355,61 @@ def _probe_frame_list(path: Path) -> StackInfo:
                    file_times=times, luts=None, rgb=False)
 
 
+ZARR_EXTRA = "reading OME-Zarr needs the zarr extra: pip install 'cellmtl[zarr]' (make setup installs it)"
+
+
+def is_zarr_group(path: Path) -> bool:
+    """A zarr v2 (.zgroup/.zattrs) or v3 (zarr.json) group: an OME-Zarr image, well or plate."""
+    return path.is_dir() and any((path / m).is_file() for m in (".zattrs", ".zgroup", "zarr.json"))
+
+
+def open_zarr_group(path: str | Path) -> Any:
+    try:
+        import zarr
+    except ImportError:
+        raise BadInputError(f"{path}: {ZARR_EXTRA}") from None
+    try:
+        return zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001 - a damaged store: one line naming it
+        raise BadInputError(f"cannot open OME-Zarr {path}: {exc.__class__.__name__}: {exc}") from None
+
+
+def zarr_image(path: str | Path) -> tuple[Any, NgffImage]:
+    """(the full-resolution zarr array, its NGFF description) of an OME-Zarr image group."""
+    group = open_zarr_group(path)
+    attrs = group.attrs.asdict()
+    image = ngff_image(attrs)
+    if image is None:
+        ome, _ = ngff_attrs(attrs)
+        if "plate" in ome:
+            raise BadInputError(f"{path} is an OME-Zarr HCS plate; list its wells and fields with: cellmtl manifest "
+                                f"--images {path} --plate-map PLATE.csv --out manifest.csv")
+        if "well" in ome:
+            raise BadInputError(f"{path} is an OME-Zarr well; give one of its images, e.g. {Path(path) / '0'}")
+        raise BadInputError(f"{path} is a zarr group without NGFF multiscales metadata")
+    try:
+        arr = group[image.path]
+    except Exception as exc:  # noqa: BLE001
+        raise BadInputError(f"OME-Zarr {path}: no array {image.path!r} ({exc.__class__.__name__})") from None
+    if len(image.axes) != arr.ndim or not set(image.axes) <= set("TCZYX"):
+        raise BadInputError(f"OME-Zarr {path}: axes {image.axes!r} do not fit the array of shape {arr.shape}")
+    return arr, image
+
+
+def _probe_zarr(path: Path) -> StackInfo:
+    arr, image = zarr_image(path)
+    info = _info_from_axes(path, "zarr", image.axes, arr.shape, np.dtype(arr.dtype))
+    times = image.times if info.n_frames > 1 else None
+    return replace(info, file_times=times, channel_names=distinct_names(image.channel_labels, info.n_channels))
+
+
 def probe_stack(path: str | Path) -> StackInfo:
     """Open the file/folder, validate, return metadata. Raises BadInputError."""
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise BadInputError(f"no such file or folder: {p}")
+    if is_zarr_group(p):
+        return _probe_zarr(p)
     if p.is_dir():
         return _probe_folder(p)
     return _probe_frame_list(p) if p.name.endswith(FRAME_LIST_SUFFIX) else _probe_file(p)
@@ -382,6 +444,7 @@ class StackReader:
         self._frame: tuple[int, np.dtype, tuple[int, ...]] | None = None  # (data offset, dtype, frame shape)
         self._files: list[Path] | None = None
         self._frame_files: tuple[tuple[tuple[str, ...], ...], ...] | None = None  # frame lists: [t][c][z] paths
+        self._zarr: Any = None  # OME-Zarr: the full-resolution array; indexing reads only the chunks it touches
         self._letters, self._shape, self._lead = "", (), 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -419,6 +482,9 @@ class StackReader:
                 raise BadInputError(f"folder {path} now has {len(self._files)} images, probed {self.info.n_frames}")
         elif self.info.format == "frames":
             self._frame_files = read_frame_list(path).files
+        elif self.info.format == "zarr":
+            self._zarr, image = zarr_image(path)
+            self._letters = image.axes
         elif self.info.format != "image":
             try:
                 tf = tifffile.TiffFile(path)
@@ -450,6 +516,10 @@ class StackReader:
                 zs = [to_zcyx(*self._single_file(Path(f), frame_file=True)[:2])[:, 0] for f in planes]
                 channels.append(np.concatenate(zs))
             return np.stack(channels), "CZYX", self._frame_files[t][0][0]
+        if self._zarr is not None:
+            letters = self._letters
+            key = tuple(t if a == "T" else slice(None) for a in letters)
+            return np.asarray(self._zarr[key]), letters.replace("T", ""), self.info.path
         if self.info.format in ("folder", "image"):
             file = self._files[t] if self._files is not None else Path(self.info.path)
             return self._single_file(file, frame_file=self.info.format == "folder")

@@ -22,7 +22,15 @@ from pathlib import Path
 from cellmtl.data.manifest import parse_condition
 from cellmtl.data.table import read_table
 from cellmtl.errors import BadInputError, all_culprits
-from cellmtl.io import FRAME_LIST_SUFFIX, SUPPORTED_IMAGE_SUFFIXES, natural_key, write_frame_list
+from cellmtl.filemeta import ngff_attrs, ngff_plate_images
+from cellmtl.io import (
+    FRAME_LIST_SUFFIX,
+    SUPPORTED_IMAGE_SUFFIXES,
+    is_zarr_group,
+    natural_key,
+    open_zarr_group,
+    write_frame_list,
+)
 
 # What each placeholder may match; literal text around them anchors the non-greedy ones. Only {plate} (and {*})
 # may hold underscores: plate and experiment names often do, the other parts never in the exporters' names.
@@ -314,18 +322,68 @@ def table_text(rows: Sequence[dict[str, str]], columns: Sequence[str]) -> str:
     return buf.getvalue()
 
 
+def ngff_plate(images: Path) -> list[tuple[str, str, str]] | None:
+    """(well, field, image path) of every image when `images` is an OME-Zarr HCS plate, else None."""
+    if not is_zarr_group(images):
+        return None
+    group = open_zarr_group(images)
+    attrs = group.attrs.asdict()
+    if "plate" not in ngff_attrs(attrs)[0]:
+        return None
+    wells = {}
+    for w in ngff_attrs(attrs)[0]["plate"].get("wells") or []:
+        wells[str(w.get("path"))] = open_zarr_group(images / str(w.get("path"))).attrs.asdict()
+    return ngff_plate_images(attrs, wells)
+
+
+def plate_rows(images: Path, plate_map_path: Path, out: Path) -> tuple[list[dict[str, str]], list[str]]:
+    """Manifest rows for an OME-Zarr HCS plate: one stack per well and field; the plate's name is the folder's."""
+    name = images.name.split(".")[0]
+    plate_map = read_plate_map(plate_map_path, plates_in_names=False)
+    rows, problems = [], []
+    for well, fld, rel in ngff_plate(images) or []:
+        info = plate_map.rows.get(("", well_name(well) or well))
+        if info is None:
+            problems.append(f"well {well} (image {rel}) has no row in the plate map")
+            continue
+        row = {"stack_id": f"{name}_{well}_{fld}", "path": os.path.relpath(images / rel, out.parent),
+               "group": f"{name}_{well}", "plate": name, "well": well_name(well) or well, "field": fld}
+        row.update({c: v for c, v in info.items() if c != "plate"})
+        rows.append(row)
+    if not rows and not problems:
+        problems.append(f"OME-Zarr plate {images} lists no images")
+    return rows, problems
+
+
+@dataclass(frozen=True)
+class ManifestSummary:
+    """What `write_manifest` wrote (or would write): the manifest text and what the command prints."""
+
+    text: str
+    n_stacks: int
+    n_wells: int
+    frames: tuple[int, int] | None  # fewest and most frames per stack (None: the images keep their own)
+    channels: list[str]  # the order of the frame lists' channels (empty: the images name their own)
+
+
 def write_manifest(
     images: Path,
-    pattern: str,
+    pattern: str | None,
     plate_map_path: Path,
     out: Path,
     *,
     channels: Sequence[str] | None = None,
     interval_hours: float | None = None,
     dry_run: bool = False,
-) -> tuple[str, list[PlateStack], list[str]]:
-    """(manifest text, stacks, channel order). Writes `out` and one frame list per stack in `<out stem>.stacks/`
-    unless `dry_run`; raises one BadInputError naming every problem, writing nothing."""
+) -> ManifestSummary:
+    """Writes `out` and one frame list per stack in `<out stem>.stacks/`
+    unless `dry_run`; raises one BadInputError naming every problem, writing nothing. An OME-Zarr HCS plate needs
+    no pattern: its wells and fields are read from its metadata."""
+    out = out.resolve()
+    if ngff_plate(images.resolve()) is not None:
+        return _write_plate_manifest(images.resolve(), plate_map_path, out, dry_run)
+    if pattern is None:
+        raise BadInputError("manifest needs --pattern PATTERN or --preset NAME for per-image files")
     regex = compile_pattern(pattern)
     root = images.resolve()
     files = image_files(root)
@@ -336,7 +394,6 @@ def write_manifest(
     order, channel_problems = _channel_order(slots, channels)
     stacks, stack_problems = build_stacks(slots, order, hours)
     plate_map = read_plate_map(plate_map_path, plates_in_names="plate" in regex.groupindex)
-    out = out.resolve()
     list_dir = out.parent / f"{out.stem}.stacks"
     rows, map_problems = manifest_rows(stacks, plate_map, list_dir, out.parent, order)
     problems += time_problems + channel_problems + map_problems + stack_problems
@@ -348,7 +405,25 @@ def write_manifest(
         list_dir.mkdir(parents=True, exist_ok=True)
         for st in stacks:
             write_frame_list(list_dir / f"{st.stack_id}{FRAME_LIST_SUFFIX}", order, st.hours, st.files)
-        tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out)
-    return text, stacks, order
+        _write_text(out, text)
+    n_frames = [len(st.hours) for st in stacks]
+    return ManifestSummary(text, len(stacks), len({(st.plate, st.well) for st in stacks}),
+                           (min(n_frames), max(n_frames)), order)
+
+
+def _write_text(out: Path, text: str) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+
+
+def _write_plate_manifest(images: Path, plate_map_path: Path, out: Path, dry_run: bool) -> ManifestSummary:
+    rows, problems = plate_rows(images, plate_map_path, out)
+    if problems:
+        raise all_culprits(problems, f"cellmtl manifest (--images {images})")
+    columns = list(dict.fromkeys([*MANIFEST_COLUMNS, *(c for r in rows for c in r)]))
+    columns.remove("channels")  # the images name their channels (omero labels)
+    text = table_text(rows, columns)
+    if not dry_run:
+        _write_text(out, text)
+    return ManifestSummary(text, len(rows), len({r["well"] for r in rows}), None, [])
