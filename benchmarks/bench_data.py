@@ -30,7 +30,7 @@ import torch
 from cellmtl.config import config_from_dict
 from cellmtl.data.dataset import TimeCourseDataset, load_experiment
 from cellmtl.data.transforms import Normalizer
-from cellmtl.inference import collate_images
+from cellmtl.runtime import collate_images
 
 
 def write_experiment(root: Path, n_stacks: int, n_frames: int, size: int) -> Path:

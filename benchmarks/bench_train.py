@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 from cellmtl import training  # noqa: E402
 from cellmtl.config import config_from_dict  # noqa: E402
-from cellmtl.inference import run_model  # noqa: E402
+from cellmtl.engine import run_model  # noqa: E402
 
 
 def write_experiment(root: Path, n_stacks: int, n_frames: int, size: int) -> Path:

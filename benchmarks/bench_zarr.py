@@ -5,7 +5,7 @@
 
 Writes one NGFF 0.4 image (T x 2 channels x side x side uint16, chunks of 1 x 1 x 1 x 1024 x 1024, T chosen
 so the array holds at least --gb GB), then, each in a fresh subprocess:
-1. reads every frame through `cellmtl.io.StackReader` (what training and predict do) and reports peak RSS;
+1. reads every frame through `cellmtl.data.readers.StackReader` (what training and predict do) and reports peak RSS;
 2. with --checkpoint, runs `cellmtl predict` on it under `/usr/bin/time -v`-like accounting (ru_maxrss).
 Prints one line per measurement and, last, `array_gb=<size> read_peak_rss_gb=<peak> ratio=<peak/size>`.
 """
@@ -46,7 +46,7 @@ def write_field(path: Path, frames: int, side: int) -> float:
 
 def read_all(path: str) -> dict:
     """(subprocess) read every frame and channel as the Dataset does; peak RSS in GB."""
-    from cellmtl.io import StackReader, probe_stack
+    from cellmtl.data.readers import StackReader, probe_stack
 
     info = probe_stack(path)
     t0 = time.perf_counter()

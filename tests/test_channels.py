@@ -15,10 +15,10 @@ from cellmtl.cli import main
 from cellmtl.config import config_from_dict
 from cellmtl.data.channels import match_channels
 from cellmtl.data.dataset import probe_records
+from cellmtl.data.filemeta import ome_channel_names
 from cellmtl.data.manifest import load_manifest
+from cellmtl.data.readers import StackReader
 from cellmtl.errors import BadInputError
-from cellmtl.filemeta import ome_channel_names
-from cellmtl.io import StackReader
 from tests.conftest import SHARED_DATA, tiny_stack, write_config, write_hyperstack
 
 LEVEL = {"DAPI": 100.0, "GFP": 200.0, "RFP": 300.0, "BF": 400.0}  # each stain's constant pixel value

@@ -97,7 +97,7 @@ def test_gather_predictions_keeps_every_output(monkeypatch):
     """Two ranks' shards are reassembled in split order, including time_std and the `extra` outputs that
     scoring needs (gaussian_nll's log-variance, per_class's [B, 2] times)."""
     from cellmtl import distributed
-    from cellmtl.inference import Predictions
+    from cellmtl.engine import Predictions
 
     def shard(pos):
         v = pos.astype(np.float32)

@@ -12,11 +12,7 @@ import pytest
 import tifffile
 
 from cellmtl.cli import main
-from cellmtl.data.manifest import load_manifest, parse_condition
-from cellmtl.data.table import read_table
-from cellmtl.errors import BadInputError
-from cellmtl.explain import file_stem
-from cellmtl.filemeta import (
+from cellmtl.data.filemeta import (
     hours_per_unit,
     imagej_channel_names,
     imagej_luts,
@@ -25,7 +21,11 @@ from cellmtl.filemeta import (
     ome_times,
     regular_or_irregular,
 )
-from cellmtl.io import probe_stack, read_stack
+from cellmtl.data.manifest import load_manifest, parse_condition
+from cellmtl.data.readers import probe_stack, read_stack
+from cellmtl.data.table import read_table
+from cellmtl.errors import BadInputError
+from cellmtl.explain import file_stem
 from tests.conftest import SHARED_DATA, tiny_stack, write_config
 
 
@@ -412,7 +412,7 @@ def test_imagej_slice_labels_match_channels_by_name(tmp_path):
     records = load_manifest(tmp_path / "m.csv")
     infos, channels, names = match_channels(records, probe_records(records), None)
     assert names == ["DAPI", "GFP"] and channels == [0, 1]
-    from cellmtl.io import StackReader
+    from cellmtl.data.readers import StackReader
 
     with StackReader(infos[1]) as r:
         assert r.read(0, channels)[:, 0, 0].tolist() == [100.0, 200.0]  # DAPI first, as in stack a

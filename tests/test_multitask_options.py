@@ -151,7 +151,7 @@ def check_predict_evaluate(run, tmp_path, manifest, m):
 
     from cellmtl.evaluation import evaluate_run
     from cellmtl.export import export
-    from cellmtl.inference import predict
+    from cellmtl.predict import predict
 
     out = predict(run / "checkpoints" / "best.pt", out=tmp_path / "pred.csv", manifest=manifest, progress=False)
     header = out.open().readline().strip().split(",")

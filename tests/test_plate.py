@@ -20,8 +20,8 @@ from cellmtl.data.plate import (
     time_index,
     well_name,
 )
+from cellmtl.data.readers import probe_stack, read_stack
 from cellmtl.errors import BadInputError
-from cellmtl.io import probe_stack, read_stack
 from tests.conftest import write_config
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from cellmtl.cli import main
+from cellmtl.data.filemeta import ngff_image
+from cellmtl.data.readers import StackReader, probe_stack, read_stack
 from cellmtl.errors import BadInputError
-from cellmtl.filemeta import ngff_image
-from cellmtl.io import StackReader, probe_stack, read_stack
 from tests.conftest import tiny_stack, write_config
 
 zarr = pytest.importorskip("zarr", minversion="3")

@@ -18,9 +18,9 @@ import torch
 
 from cellmtl.config import Config, config_from_dict
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
+from cellmtl.data.readers import StackInfo
 from cellmtl.data.transforms import Normalizer
 from cellmtl.errors import BadInputError
-from cellmtl.io import StackInfo
 from cellmtl.models import ModelSpec, MultiTaskResNet
 
 FORMAT_VERSION = 1

@@ -43,15 +43,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def write_starter_config(manifest: Path, path: Path) -> Path:
     """A config next to synthetic data, so `synth` is followed by `check-data`/`train` at once."""
-    import yaml
-
     from cellmtl.demo import DEMO_CONFIG
+    from cellmtl.fileio import write_yaml
 
     raw = json.loads(json.dumps(DEMO_CONFIG))
     raw["data"]["manifest"] = str(Path(manifest).resolve())
     raw["experiment_name"] = "synthetic"
     raw["output_dir"] = "outputs"  # runs in outputs/synthetic/<run_id>, as the README shows (not the demo's folder)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    write_yaml(path, raw)
     return path
 
 
@@ -144,7 +143,7 @@ def stack_source(args: argparse.Namespace, command: str) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cellmtl.inference import predict
+    from cellmtl.predict import predict
 
     out = predict(args.checkpoint, out=args.out, **stack_source(args, "predict"))
     print(out)

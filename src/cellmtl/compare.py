@@ -23,7 +23,7 @@ import numpy as np
 
 from cellmtl.config import CLS_METRICS, REG_METRICS, Config, config_from_dict, config_to_dict
 from cellmtl.errors import BadInputError, TrainingError
-from cellmtl.inference import write_csv
+from cellmtl.fileio import write_csv, write_text
 from cellmtl.metrics import LOWER_IS_BETTER, SLOPE_METRICS
 
 MODES = ("multitask", "classification", "regression")
@@ -100,7 +100,7 @@ def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None) -> Path
         assert mt_run is not None
         rows.append(result_row(CLASSICAL, seed, None, classical_results(mt_run, seed)))
     write_csv(rows, folder / "comparison.csv")  # columns in first-seen order; None and missing -> ""
-    (folder / "comparison.md").write_text(markdown_summary(rows, splits or {}))
+    write_text(folder / "comparison.md", markdown_summary(rows, splits or {}))
     plot_comparison(rows, folder / "comparison.png")
     return folder
 

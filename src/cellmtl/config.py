@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cellmtl.errors import BadInputError
+from cellmtl.fileio import write_yaml
 
 TaskMode = Literal["multitask", "classification", "regression"]
 CLS_METRICS = ("cls_auc", "cls_acc", "cls_precision", "cls_recall", "cls_f1", "cls_loss")
@@ -383,4 +384,4 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
 
 
 def dump_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_yaml(path, config_to_dict(cfg))

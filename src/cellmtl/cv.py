@@ -30,7 +30,7 @@ from cellmtl.data.dataset import load_records
 from cellmtl.data.manifest import StackRecord
 from cellmtl.data.splits import auto_split, splits_from_lists
 from cellmtl.errors import BadInputError
-from cellmtl.inference import write_csv
+from cellmtl.fileio import write_csv, write_json, write_text
 from cellmtl.metrics import compute_metrics
 from cellmtl.training import train
 
@@ -198,7 +198,7 @@ def run_cv(
         else:
             plan = make_plan(cfg, folds, seeds)
             cv_dir.mkdir(parents=True, exist_ok=True)
-            (cv_dir / PLAN).write_text(json.dumps(plan, indent=2))
+            write_json(cv_dir / PLAN, plan)
     for fold in range(1, plan["folds"] + 1):
         for seed_no in range(len(plan["seeds"])):
             folder = cv_dir / run_name(fold, seed_no, len(plan["seeds"]))
@@ -284,8 +284,8 @@ def write_summary(cv_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
         tkeys = list(dict.fromkeys(k for r in fold_rows for k in (r["test"] or {})))
         summary["test"] = {k: _mean_std([(r["test"] or {}).get(k) for r in fold_rows]) for k in tkeys}
     write_csv(oof, cv_dir / "predictions_oof.csv")
-    (cv_dir / "cv_summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
-    (cv_dir / "cv_summary.md").write_text(summary_markdown(summary))
+    write_json(cv_dir / "cv_summary.json", summary)
+    write_text(cv_dir / "cv_summary.md", summary_markdown(summary))
     return summary
 
 

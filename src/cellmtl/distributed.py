@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from cellmtl.inference import Predictions
+from cellmtl.engine import Predictions
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,15 @@ from cellmtl.checkpoints import (
     resolve_checkpoint,
 )
 from cellmtl.data.dataset import load_experiment
+from cellmtl.engine import prediction_arrays, prediction_rows, run_model, score
 from cellmtl.errors import BadInputError
-from cellmtl.inference import make_loader, prediction_arrays, prediction_rows, run_model, write_csv
+from cellmtl.fileio import write_csv, write_json
 from cellmtl.losses import loss_from_config
 from cellmtl.report import write_report
 from cellmtl.reporting import plot_time_bins, write_run_plots
 from cellmtl.review import write_error_review
+from cellmtl.runtime import make_loader, pick_device
 from cellmtl.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
-from cellmtl.training import pick_device, score
 
 LOG_KEYS = (  # printed with their bootstrap CIs (losses have none)
     "cls_auc",
@@ -94,7 +94,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
         "error_review": [str(p) for p in errors],
     }
     out = run / f"evaluation_{split}.json"
-    out.write_text(json.dumps(result, indent=2, allow_nan=False))
+    write_json(out, result)
     write_report(run)
     print(summary_text(result), file=sys.stderr)
     return out

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellmtl.errors import BadInputError
+from cellmtl.fileio import write_text
 from cellmtl.models import MultiTaskResNet
 from cellmtl.review import composite
 
@@ -152,7 +153,7 @@ def write_index(out: Path, entries: Sequence[dict]) -> Path:
                   for f, h, r in e["frames"]]
         parts.append(f"</table><img src='{html.escape(e['png'])}' alt='{html.escape(e['stack_id'])}'>")
     path = out / "index.html"
-    path.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(parts) + "\n")
     return path
 
 
@@ -171,8 +172,9 @@ def explain(
     """Montages `<out>/<stack_id>.png` and `<out>/index.html`; returns the index path. `frames`: these
     frame numbers of every stack instead of the default picks (see `pick_frames`)."""
     from cellmtl.checkpoints import config_from_checkpoint, model_from_checkpoint
-    from cellmtl.inference import make_loader, new_stacks_dataset, run_model
-    from cellmtl.training import pick_device
+    from cellmtl.engine import run_model
+    from cellmtl.predict import new_stacks_dataset
+    from cellmtl.runtime import make_loader, pick_device
 
     ckpt, records, ds = new_stacks_dataset(checkpoint, manifest, paths, frame_interval_hours)
     cfg = config_from_checkpoint(ckpt)

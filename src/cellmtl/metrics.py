@@ -265,3 +265,13 @@ def interval_coverage(
     if not keep.any():
         return None
     return float(np.mean(np.abs(t[keep] - p[keep]) <= Z90 * s[keep]))
+
+
+def theil_sen_slope(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Median of pairwise slopes (dy/dx) over pairs with distinct x: a line fit that a few wild points
+    cannot move. None with fewer than two distinct x."""
+    xa, ya = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    i, j = np.triu_indices(len(xa), k=1)
+    dx = xa[j] - xa[i]
+    keep = dx != 0
+    return float(np.median((ya[j] - ya[i])[keep] / dx[keep])) if keep.any() else None

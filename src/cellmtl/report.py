@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from cellmtl.fileio import write_text
 from cellmtl.metrics import LOSS_NAMES, METRIC_NAMES, SLOPE_METRICS
 
 SUMMARY_KEYS = (
@@ -172,7 +173,5 @@ def write_report(run_dir: str | Path) -> Path:
     """(Re)write `run_dir/report.html` atomically; returns its path."""
     run_dir = Path(run_dir)
     out = run_dir / "report.html"
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(render_report(run_dir), encoding="utf-8")
-    tmp.replace(out)
+    write_text(out, render_report(run_dir))
     return out

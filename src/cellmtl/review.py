@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cellmtl.fileio import write_csv
 from cellmtl.reporting import _new_figure, _save
 
 # One colour per channel for composites (magenta/green/cyan... keep channel 0 readable alone in grey).
@@ -120,7 +121,6 @@ def write_error_review(
     hours: np.ndarray, load: Callable[[int], torch.Tensor], k: int,
 ) -> tuple[Path, Path]:
     """`errors_<split>.csv` and `errors_<split>.png` in `out_dir`; `load(i)` gives frame i's model input."""
-    from cellmtl.inference import write_csv
 
     cls, tim = top_errors(arrays["infected"], arrays["prob"], arrays["time_true"], arrays["time_pred"], k)
     rows = error_rows(arrays, stack_ids, frames, hours, cls, tim)

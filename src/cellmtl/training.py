@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import logging
 import math
 import os
@@ -37,52 +36,24 @@ from cellmtl.data.dataset import (
     load_experiment,
 )
 from cellmtl.data.transforms import Normalizer
+from cellmtl.engine import Predictions, prediction_arrays, prediction_rows, run_model, score
 from cellmtl.errors import BadInputError, TrainingError
-from cellmtl.inference import (
-    Predictions,
-    autocast_ctx,
-    autocast_for,
-    make_loader,
-    prediction_arrays,
-    prediction_rows,
-    run_model,
-    write_csv,
-)
+from cellmtl.fileio import write_csv, write_json
 from cellmtl.losses import MultiTaskLoss, loss_from_config
 from cellmtl.metrics import (
     CLS_METRICS,
     FLAT_SLOPE,
     SLOPE_METRICS,
-    compute_metrics,
     format_metrics,
-    interval_coverage,
     metric_direction,
 )
 from cellmtl.models import MultiTaskResNet, build_model, spec_from_config
 from cellmtl.report import write_report
 from cellmtl.reporting import write_run_plots
+from cellmtl.runtime import autocast_ctx, autocast_for, cpu_threads, make_loader, pick_device
 from cellmtl.weighting import FixedWeighting, weighting_from_config
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInputError(f"training.device {name!r}: no CUDA device is available here")
-    return torch.device(name)
-
-
-def cpu_threads(requested: int | None, num_workers: int, processes: int = 1) -> int:
-    """Threads for PyTorch's CPU ops. By default the cores that DataLoader workers leave free: on small
-    machines intra-op threads that compete with the workers (or with each other, on tiny 64-px tensors)
-    make training several times slower, not faster. `processes`: training processes sharing this
-    machine's cores (torchrun's LOCAL_WORLD_SIZE)."""
-    if requested is not None:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(processes, 1) - num_workers)
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -458,28 +429,6 @@ def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
     return {f"train_{k}_loss": v / max(totals[-1], 1) for k, v in zip(sums, totals, strict=False)}
 
 
-def score(
-    model: MultiTaskResNet, loss_fn: MultiTaskLoss, index: SampleIndex, preds: Predictions
-) -> dict[str, float | None]:
-    """SPEC section 5's metrics and losses for a split, from collected predictions (hours)."""
-    has_time = np.isfinite(index.time_target)
-    out: dict[str, torch.Tensor] = {}
-    if preds.logit is not None:
-        out["infected"] = torch.from_numpy(preds.logit)
-    if preds.time_pred_scaled is not None:
-        out["time"] = torch.from_numpy(preds.time_pred_scaled)
-    out.update({k: torch.from_numpy(v) for k, v in (preds.extra or {}).items()})
-    with torch.no_grad():
-        hours = torch.from_numpy(np.nan_to_num(index.time_target)).to(model.time_shift.device)
-        t_scaled = model.scale_time(hours).cpu()
-        losses = loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)), t_scaled, torch.from_numpy(has_time))
-    metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
-    metrics.update(compute_metrics(**prediction_arrays(index, preds), stack=index.stack))
-    if preds.time_std is not None and preds.time_pred is not None:
-        metrics["reg_coverage90"] = interval_coverage(index.time_target, preds.time_pred, preds.time_std)
-    return metrics
-
-
 def validate(s: Setup, ds: TimeCourseDataset, loader=None) -> tuple[dict[str, float | None], Predictions]:
     loader = loader or make_loader(ds, batch_size=s.cfg.training.batch_size, num_workers=0, device=s.device)
     preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype)
@@ -717,9 +666,7 @@ def finish(s: Setup) -> dict[str, Any]:
         results["test"] = test
         write_csv(prediction_rows(s.test_ds, test_preds, s.exp.records), s.run_dir / "predictions_test.csv")
         s.logger.info("test (best.pt, epoch %d): %s", s.best_epoch, format_metrics(test, VAL_LOG_KEYS))
-    tmp = s.run_dir / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2, allow_nan=False))
-    tmp.replace(s.run_dir / "results.json")
+    write_json(s.run_dir / "results.json", results)
     s.logger.info("best epoch %d: %s", s.best_epoch, format_metrics(val, VAL_LOG_KEYS))
     for note in (hint, time_note):
         if note is not None:

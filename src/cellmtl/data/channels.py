@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from cellmtl.data.manifest import StackRecord
+from cellmtl.data.readers import StackInfo
 from cellmtl.errors import BadInputError
-from cellmtl.io import StackInfo
 
 CHANNEL_COLUMN = "channels"
 SEPARATOR = "|"

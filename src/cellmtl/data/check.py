@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from cellmtl.config import Config
 from cellmtl.data.dataset import Experiment, load_experiment, stack_index
+from cellmtl.data.readers import check_finite_stack
 from cellmtl.data.targets import hours_since_start
 from cellmtl.errors import BadInputError
-from cellmtl.io import check_finite_stack
 
 COLUMNS = ("stack_id", "condition", "onset_h", "format", "T", "C", "Z", "Y", "X", "dtype", "hours", "interval_h",
            "split", "frames_kept")

@@ -23,11 +23,11 @@ from cellmtl.data.manifest import (
     load_manifest,
     records_from_dirs,
 )
+from cellmtl.data.readers import StackInfo, StackReader, probe_stack
 from cellmtl.data.splits import assign_splits
 from cellmtl.data.targets import hours_since_start, select_frames, time_targets
 from cellmtl.data.transforms import Normalizer, augment, fit_normalizer, resize
 from cellmtl.errors import BadInputError, all_culprits
-from cellmtl.io import StackInfo, StackReader, probe_stack
 
 log = logging.getLogger(__name__)
 

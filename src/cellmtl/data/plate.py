@@ -3,7 +3,7 @@
 Plate imagers export one file per well, field, channel and time point, with those in the file name.
 A PATTERN names the parts (`{plate}`, `{well}` or `{row}`+`{col}`, `{field}`, `{channel}`, `{time}`,
 `{plane}`, `{*}` for text to ignore); every file becomes one slot (stack, time point, channel, plane) and
-every plate + well + field one stack, written as a frame list (`cellmtl.io.write_frame_list`) that the
+every plate + well + field one stack, written as a frame list (`cellmtl.data.readers.write_frame_list`) that the
 readers open lazily. The plate map (one row per well) adds the condition, onset and any other columns.
 Every problem (a file no pattern matches, a missing channel or time point, a well the map lacks, two files
 for one slot) is collected and reported in one error; nothing is written then.
@@ -11,19 +11,15 @@ for one slot) is collected and reported in one error; nothing is written then.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cellmtl.data.filemeta import ngff_attrs, ngff_plate_images
 from cellmtl.data.manifest import parse_condition
-from cellmtl.data.table import read_table
-from cellmtl.errors import BadInputError, all_culprits
-from cellmtl.filemeta import ngff_attrs, ngff_plate_images
-from cellmtl.io import (
+from cellmtl.data.readers import (
     FRAME_LIST_SUFFIX,
     SUPPORTED_IMAGE_SUFFIXES,
     is_zarr_group,
@@ -31,6 +27,9 @@ from cellmtl.io import (
     open_zarr_group,
     write_frame_list,
 )
+from cellmtl.data.table import read_table
+from cellmtl.errors import BadInputError, all_culprits
+from cellmtl.fileio import csv_text, write_text
 
 # What each placeholder may match; literal text around them anchors the non-greedy ones. Only {plate} (and {*})
 # may hold underscores: plate and experiment names often do, the other parts never in the exporters' names.
@@ -314,14 +313,6 @@ def manifest_rows(stacks: Sequence[PlateStack], plate_map: PlateMap, list_dir: P
     return rows, problems
 
 
-def table_text(rows: Sequence[dict[str, str]], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
 def ngff_plate(images: Path) -> list[tuple[str, str, str]] | None:
     """(well, field, image path) of every image when `images` is an OME-Zarr HCS plate, else None."""
     if not is_zarr_group(images):
@@ -400,21 +391,15 @@ def write_manifest(
     if problems:
         raise all_culprits(problems, f"cellmtl manifest (--images {images}, --pattern {pattern!r})")
     columns = list(MANIFEST_COLUMNS) + [c for c in plate_map.columns if c not in MANIFEST_COLUMNS]
-    text = table_text(rows, columns)
+    text = csv_text(rows, columns)
     if not dry_run:
         list_dir.mkdir(parents=True, exist_ok=True)
         for st in stacks:
             write_frame_list(list_dir / f"{st.stack_id}{FRAME_LIST_SUFFIX}", order, st.hours, st.files)
-        _write_text(out, text)
+        write_text(out, text)
     n_frames = [len(st.hours) for st in stacks]
     return ManifestSummary(text, len(stacks), len({(st.plate, st.well) for st in stacks}),
                            (min(n_frames), max(n_frames)), order)
-
-
-def _write_text(out: Path, text: str) -> None:
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
 
 
 def _write_plate_manifest(images: Path, plate_map_path: Path, out: Path, dry_run: bool) -> ManifestSummary:
@@ -423,7 +408,7 @@ def _write_plate_manifest(images: Path, plate_map_path: Path, out: Path, dry_run
         raise all_culprits(problems, f"cellmtl manifest (--images {images})")
     columns = list(dict.fromkeys([*MANIFEST_COLUMNS, *(c for r in rows for c in r)]))
     columns.remove("channels")  # the images name their channels (omero labels)
-    text = table_text(rows, columns)
+    text = csv_text(rows, columns)
     if not dry_run:
-        _write_text(out, text)
+        write_text(out, text)
     return ManifestSummary(text, len(rows), len({r["well"] for r in rows}), None, [])

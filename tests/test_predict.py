@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from cellmtl.inference import onset_note, stack_summary, theil_sen_slope
+from cellmtl.metrics import theil_sen_slope
+from cellmtl.predict import onset_note, stack_summary
 
 
 def rows_for(stack_id, onset, n=12, prob=0.9, noise=0.0, seed=0, outlier=False):

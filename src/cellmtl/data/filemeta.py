@@ -1,7 +1,7 @@
 """What a file's own metadata says: frame times, channel names, display colours.
 
 Pure functions of the metadata tifffile hands over (the OME-XML string, the ImageJ metadata dict), so
-each rule is tested with hand-written metadata. Readers in `cellmtl.io` call them while probing.
+each rule is tested with hand-written metadata. Readers in `cellmtl.data.readers` call them while probing.
 
 Times: the manifest's `frame_interval_hours` wins over these, and these win over `data.frame_interval_hours`
 (SPEC section 1); the precedence itself lives in `cellmtl.data.dataset.with_file_times`.

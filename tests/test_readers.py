@@ -1,4 +1,4 @@
-"""Tests for cellmtl.io: every reader is compared with a numpy oracle built from the array that was written."""
+"""Tests for cellmtl.data.readers: every reader is compared with a numpy oracle built from the written array."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from cellmtl.errors import BadInputError
-from cellmtl.io import (
+from cellmtl.data.readers import (
     SUPPORTED_IMAGE_SUFFIXES,
     StackInfo,
     StackReader,
@@ -24,6 +23,7 @@ from cellmtl.io import (
     probe_stack,
     read_stack,
 )
+from cellmtl.errors import BadInputError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason=f"real data folder {REAL} absent")

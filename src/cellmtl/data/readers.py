@@ -25,8 +25,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from cellmtl.errors import BadInputError
-from cellmtl.filemeta import (
+from cellmtl.data.filemeta import (
     FileTimes,
     NgffImage,
     distinct_names,
@@ -39,6 +38,8 @@ from cellmtl.filemeta import (
     ome_times,
     regular_or_irregular,
 )
+from cellmtl.errors import BadInputError
+from cellmtl.fileio import write_text
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 FRAME_LIST_SUFFIX = ".frames.json"  # `cellmtl manifest`'s stacks of per-channel, per-time-point files
@@ -312,7 +313,7 @@ def write_frame_list(
     stored relative to it, so the manifest, its stack files and the images can move together."""
     rel = [[[os.path.relpath(f, path.parent) for f in planes] for planes in frame] for frame in files]
     doc = {FRAME_LIST_KEY: 1, "channels": list(channels), "hours": [float(h) for h in hours], "files": rel}
-    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 def read_frame_list(path: str | Path) -> FrameList:

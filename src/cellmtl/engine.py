@@ -1,0 +1,155 @@
+"""Run a model over a Dataset and get typed predictions; score them; turn them into table rows.
+
+`run_model` is the one place a model meets data outside the training step: validation, `evaluate`,
+`predict`, `explain`, `cv`, `compare` and the exports' checks all go through it. Missing values are None
+(or NaN in arrays) in memory; `cellmtl.fileio.write_csv` writes them as empty cells.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
+from cellmtl.data.manifest import StackRecord
+from cellmtl.losses import MultiTaskLoss
+from cellmtl.metrics import compute_metrics, interval_coverage
+from cellmtl.models import MultiTaskResNet
+from cellmtl.runtime import autocast_ctx
+
+
+@dataclass
+class Predictions:
+    """Per-frame outputs aligned with a dataset's sample index. `prob`/`time_pred` are None for the task a
+    single-task model lacks. Times in hours."""
+
+    n: int  # frames, in the dataset's index order
+    prob: np.ndarray | None
+    logit: np.ndarray | None
+    time_pred: np.ndarray | None  # hours
+    time_pred_scaled: np.ndarray | None
+    time_std: np.ndarray | None = None  # hours; gaussian_nll models only
+    extra: dict[str, np.ndarray] | None = None  # other raw outputs (time_per_class, time_logvar, ...), scaled axis
+
+    def __len__(self) -> int:
+        return self.n
+
+
+@torch.no_grad()
+def run_model(
+    model: MultiTaskResNet,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "predict",
+) -> Predictions:
+    model.eval()
+    logits, times, n = [], [], 0
+    extra: dict[str, list[torch.Tensor]] = {}
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, file=sys.stderr):
+        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        with autocast_ctx(device, amp_dtype):
+            out = model(x)
+        if "infected" in out:
+            logits.append(out["infected"].float().cpu())
+        if "time" in out:
+            times.append(out["time"].float().cpu())
+        for k in out.keys() - {"infected", "time"}:
+            extra.setdefault(k, []).append(out[k].float().cpu())
+        n += x.shape[0]
+    logit = torch.cat(logits).numpy() if logits else None
+    scaled = torch.cat(times) if times else None
+    raw = {k: torch.cat(v).numpy() for k, v in extra.items()}
+    std = None
+    if "time_logvar" in raw:  # std on the scaled axis times the scale gives hours
+        std = (np.exp(0.5 * np.clip(raw["time_logvar"], -10.0, 10.0)) * float(model.time_scale)).astype(np.float32)
+    return Predictions(
+        n=n,
+        prob=None if logit is None else (1.0 / (1.0 + np.exp(-logit.astype(np.float64)))).astype(np.float32),
+        logit=logit,
+        time_pred=None if scaled is None else model.time_hours(scaled).numpy(),
+        time_pred_scaled=None if scaled is None else scaled.numpy(),
+        time_std=std,
+        extra=raw or None,
+    )
+
+
+def prediction_arrays(index: SampleIndex, preds: Predictions) -> dict[str, np.ndarray | None]:
+    """Labels and outputs as the keyword arguments of `metrics.compute_metrics` (and the `val` mapping of
+    `reporting.write_run_plots`); the time entries are None for a model without a time head."""
+    has_time = preds.time_pred is not None
+    return {
+        "infected": index.infected.astype(np.int64),
+        "prob": preds.prob,
+        "time_true": index.time_target if has_time else None,
+        "time_pred": preds.time_pred,
+        "time_mask": np.isfinite(index.time_target) if has_time else None,
+    }
+
+
+def prediction_rows(
+    ds: TimeCourseDataset,
+    preds: Predictions,
+    records: Sequence[StackRecord],
+    *,
+    threshold: float = 0.5,
+) -> list[dict]:
+    """One dict per frame in SPEC section 6's columns, plus the manifest's extra columns and, where
+    known, `condition` and `time_target`."""
+    idx = ds.index
+    rows = []
+    for k in range(len(preds)):
+        rec = records[int(idx.stack[k])]
+        row: dict = {
+            "stack_id": rec.stack_id,
+            "frame": int(idx.frame[k]),
+            "hours_since_start": round(float(idx.hours[k]), 6),
+            "prob_infected": "" if preds.prob is None else round(float(preds.prob[k]), 6),
+            "pred_condition": ""
+            if preds.prob is None
+            else ("infected" if preds.prob[k] >= threshold else "uninfected"),
+            "pred_time_hours": "" if preds.time_pred is None else round(float(preds.time_pred[k]), 4),
+        }
+        if preds.time_std is not None:
+            row["pred_time_std"] = round(float(preds.time_std[k]), 4)
+        row["path"] = rec.path
+        row.update(rec.extra)
+        label = int(idx.infected[k])
+        row["condition"] = "" if label < 0 else ("infected" if label == 1 else "uninfected")
+        t = float(idx.time_target[k])
+        row["time_target"] = round(t, 6) if np.isfinite(t) else ""
+        rows.append(row)
+    return rows
+
+
+def score(
+    model: MultiTaskResNet, loss_fn: MultiTaskLoss, index: SampleIndex, preds: Predictions
+) -> dict[str, float | None]:
+    """SPEC section 5's metrics and losses for a split, from collected predictions (hours)."""
+    has_time = np.isfinite(index.time_target)
+    out: dict[str, torch.Tensor] = {}
+    if preds.logit is not None:
+        out["infected"] = torch.from_numpy(preds.logit)
+    if preds.time_pred_scaled is not None:
+        out["time"] = torch.from_numpy(preds.time_pred_scaled)
+    out.update({k: torch.from_numpy(v) for k, v in (preds.extra or {}).items()})
+    with torch.no_grad():
+        hours = torch.from_numpy(np.nan_to_num(index.time_target)).to(model.time_shift.device)
+        t_scaled = model.scale_time(hours).cpu()
+        losses = loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)), t_scaled, torch.from_numpy(has_time))
+    metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
+    metrics.update(compute_metrics(**prediction_arrays(index, preds), stack=index.stack))
+    if preds.time_std is not None and preds.time_pred is not None:
+        metrics["reg_coverage90"] = interval_coverage(index.time_target, preds.time_pred, preds.time_std)
+    return metrics
+
+

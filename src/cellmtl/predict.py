@@ -1,0 +1,151 @@
+"""`cellmtl predict`: predictions for new stacks (SPEC section 6), per frame and per stack."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from cellmtl.config import FrameSelection
+from cellmtl.data.channels import checkpoint_channels
+from cellmtl.data.dataset import SampleIndex, TimeCourseDataset, probe_records, stack_index, with_file_times
+from cellmtl.data.manifest import FROM_COMMAND_LINE, FROM_CONFIG, StackRecord, load_manifest
+from cellmtl.engine import prediction_rows, run_model
+from cellmtl.errors import BadInputError
+from cellmtl.fileio import write_csv
+from cellmtl.metrics import FLAT_SLOPE, theil_sen_slope
+from cellmtl.runtime import make_loader, pick_device
+
+
+def records_from_paths(paths: Sequence[Path], frame_interval_hours: float, source: str) -> list[StackRecord]:
+    """Unlabelled records for `predict PATH ...`: stack_id = file or folder name, made unique (the `path`
+    column of the outputs tells `plate1/A1.tif` from `plate2/A1.tif`). `source`: where the interval came from."""
+    out: list[StackRecord] = []
+    seen: set[str] = set()
+    for p in paths:
+        if not Path(p).exists():
+            raise BadInputError(f"file not found: {p}")
+        base = Path(p).name.split(".")[0] or Path(p).name
+        sid, k = base, 1
+        while sid in seen:
+            k += 1
+            sid = f"{base}_{k}"
+        seen.add(sid)
+        out.append(StackRecord(sid, str(Path(p).resolve()), None, None, frame_interval_hours, 0.0, None, sid,
+                               interval_source=source))
+    return out
+
+
+def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
+    """One row per stack: mean prob_infected, pred_condition, `frac_frames_infected` (the share of its frames
+    at or above the threshold: how unanimous the call is, since a mean near the threshold can hide a stack
+    split between the conditions) and, for stacks predicted infected,
+    `est_onset_hour` = median over its frames predicted infected of `hours_since_start - pred_time_hours`
+    (each such frame votes for when infection began; this is the least-absolute-deviation fit of
+    `pred_time_hours = hours_since_start - onset`, a line of slope 1), and `onset_fit_slope`, the robust
+    (Theil-Sen) slope of `pred_time_hours` against `hours_since_start` over the same frames: near 1 when the
+    time head tracks the clock, so that the estimate means something; near 0 when it predicts one time for
+    every frame, and then `est_onset_hour` merely follows the frames' clock times and must not be trusted."""
+    by_stack: dict[str, list[dict]] = {}
+    for r in rows:
+        by_stack.setdefault(r["stack_id"], []).append(r)
+    out = []
+    for sid, frames in by_stack.items():
+        row: dict = {"stack_id": sid, "path": frames[0].get("path", ""), "n_frames": len(frames)}
+        probs = [float(f["prob_infected"]) for f in frames if f["prob_infected"] != ""]
+        mean = float(np.mean(probs)) if probs else None
+        row["prob_infected"] = "" if mean is None else round(mean, 6)
+        row["pred_condition"] = "" if mean is None else ("infected" if mean >= threshold else "uninfected")
+        row["frac_frames_infected"] = "" if mean is None else round(float(np.mean(np.asarray(probs) >= threshold)), 3)
+        onset, slope = "", ""
+        if mean is not None and mean >= threshold and frames[0]["pred_time_hours"] != "":
+            voters = [f for f in frames if float(f["prob_infected"]) >= threshold]
+            votes = [f["hours_since_start"] - f["pred_time_hours"] for f in voters]
+            onset = round(float(np.median(votes)), 3) if votes else ""
+            fit = theil_sen_slope([f["hours_since_start"] for f in voters], [f["pred_time_hours"] for f in voters])
+            slope = "" if fit is None else round(fit, 3)
+        row["est_onset_hour"] = onset
+        row["onset_fit_slope"] = slope
+        row["condition"] = frames[0].get("condition", "")
+        out.append(row)
+    return out
+
+
+def onset_note(summary: Sequence[dict]) -> str | None:
+    """A line for the user when stacks predicted infected have `onset_fit_slope` under FLAT_SLOPE:
+    their `est_onset_hour` is then an artefact of the frames' clock times, and a number in a CSV column is
+    easy to take at face value."""
+    onset_rows = [r for r in summary if r.get("est_onset_hour", "") != ""]
+    flat = [r["stack_id"] for r in onset_rows
+            if r.get("onset_fit_slope", "") != "" and float(r["onset_fit_slope"]) < FLAT_SLOPE]
+    if not flat:
+        return None
+    shown = ", ".join(flat[:5]) + (f" and {len(flat) - 5} more" if len(flat) > 5 else "")
+    return (f"note: {len(flat)} of {len(onset_rows)} stacks predicted infected have onset_fit_slope under "
+            f"{FLAT_SLOPE:g} ({shown}): their predicted time hardly follows the clock, so do not trust their "
+            "est_onset_hour")
+
+
+def new_stacks_dataset(
+    checkpoint: str | Path,
+    manifest: str | Path | None,
+    paths: Sequence[Path],
+    frame_interval_hours: float | None,
+) -> tuple[dict, list[StackRecord], TimeCourseDataset]:
+    """(checkpoint, records, dataset of every frame) for stacks the model has not seen, prepared as the
+    checkpoint saw its training frames; labels optional. Shared by `predict` and `explain`, so both build
+    the same input (channels, normalisation, temporal context) and the same targets."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_checkpoint(ckpt)
+    interval = frame_interval_hours or cfg.data.frame_interval_hours
+    if manifest is not None:
+        records = load_manifest(manifest, default_interval=interval,
+                                default_onset=cfg.multitask.infection_onset_hour, labelled=False)
+    else:
+        records = records_from_paths(list(paths), interval, FROM_CONFIG if frame_interval_hours is None
+                                     else FROM_COMMAND_LINE)
+    probed = probe_records(records)
+    records = with_file_times(records, probed)
+    infos, _, _ = checkpoint_channels(records, probed, ckpt)
+    # Every frame; pre-onset frames of labelled infected stacks get negative time targets.
+    every = FrameSelection()
+    ut = cfg.multitask.uninfected_time
+    parts = [stack_index(r, i, k, every, "keep", ut) for k, (r, i) in enumerate(zip(records, infos, strict=True))]
+    intervals = [r.frame_interval_hours for r in records]
+    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], SampleIndex.concat(parts), intervals)
+    return ckpt, records, ds
+
+
+def predict(
+    checkpoint: str | Path,
+    *,
+    out: str | Path,
+    manifest: str | Path | None = None,
+    paths: Sequence[Path] = (),
+    device: str = "auto",
+    batch_size: int = 32,
+    frame_interval_hours: float | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Per-frame predictions CSV at `out` and `<stem>.stacks.csv` beside it; returns `out`.
+
+    Uses the checkpoint's own channels, normalisation and image size. Labels are optional: where the
+    manifest gives a condition (and onset), `condition` and `time_target` columns are filled in."""
+    ckpt, records, ds = new_stacks_dataset(checkpoint, manifest, paths, frame_interval_hours)
+    dev = pick_device(device)
+    model = model_from_checkpoint(ckpt).to(dev)
+    loader = make_loader(ds, batch_size=batch_size, num_workers=num_workers, device=dev)
+    preds = run_model(model.eval(), loader, dev, progress=progress, desc="predict")
+    rows = prediction_rows(ds, preds, records)
+    out = Path(out)
+    write_csv(rows, out)
+    summary = stack_summary(rows)
+    write_csv(summary, out.with_name(f"{out.stem}.stacks.csv"))
+    note = onset_note(summary)
+    if note is not None:
+        print(note, file=sys.stderr)
+    return out
