@@ -17,7 +17,7 @@ import torch
 
 from cellmtl.data.dataset import EpochSampler
 from cellmtl.distributed import DistContext, ShardedSampler, shard_indices
-from cellmtl.evaluation import evaluate_run
+from cellmtl.evaluation.evaluate import evaluate_run
 from tests.conftest import write_hyperstack
 
 pytestmark = pytest.mark.slow

@@ -149,7 +149,7 @@ def check_predict_evaluate(run, tmp_path, manifest, m):
     """predict, evaluate and export rebuild the same input and head from the checkpoint alone."""
     import json
 
-    from cellmtl.evaluation import evaluate_run
+    from cellmtl.evaluation.evaluate import evaluate_run
     from cellmtl.export import export
     from cellmtl.predict import predict
 

@@ -2,7 +2,8 @@
 
 import numpy as np
 
-from cellmtl.review import composite, error_rows, top_errors
+from cellmtl.evaluation.review import error_rows, top_errors
+from cellmtl.reports.images import composite
 
 
 def test_top_errors_by_hand():

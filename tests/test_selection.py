@@ -81,7 +81,7 @@ def test_early_stopping_and_best_checkpoint_for_test(monkeypatch, tiny_config):
 
     assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["epoch"] == 1
     assert "early stopping" in (run / "train.log").read_text()
-    from cellmtl.evaluation import evaluate_run
+    from cellmtl.evaluation.evaluate import evaluate_run
 
     best_eval = json.loads(evaluate_run(run, checkpoint="best", split="test").read_text())["metrics"]
     last_eval = json.loads(evaluate_run(run, checkpoint="last", split="test").read_text())["metrics"]

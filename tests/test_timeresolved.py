@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cellmtl.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
+from cellmtl.evaluation.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
 
 
 def test_binned_metrics_by_hand():

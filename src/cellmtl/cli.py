@@ -127,7 +127,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from cellmtl.evaluation import evaluate_run
+    from cellmtl.evaluation.evaluate import evaluate_run
 
     out = evaluate_run(args.run, checkpoint=args.checkpoint, split=args.split, top_k=args.top_k)
     print(out)

@@ -23,7 +23,7 @@ from torch import nn
 from cellmtl.errors import BadInputError
 from cellmtl.fileio import write_text
 from cellmtl.models import MultiTaskResNet
-from cellmtl.review import composite
+from cellmtl.reports.images import composite
 
 
 def target_layer(model: MultiTaskResNet) -> nn.Module:
@@ -100,11 +100,11 @@ def plot_montage(
     rows: Sequence[dict], path: Path, heads: Sequence[str]
 ) -> Path:
     """One row per frame: the input channels, then each head's heat map over them."""
-    from cellmtl.reporting import _new_figure, _save
+    from cellmtl.reports.plots import new_figure, save_figure
 
     titles = {"infected": "Grad-CAM: infection", "time": "Grad-CAM: time"}
     ncols = 1 + len(heads)
-    fig = _new_figure(2.6 * ncols, 2.7 * len(rows))
+    fig = new_figure(2.6 * ncols, 2.7 * len(rows))
     for r, row in enumerate(rows):
         rgb = composite(row["image"])
         for c in range(ncols):
@@ -117,7 +117,7 @@ def plot_montage(
                 ax.imshow(row["cams"][heads[c - 1]], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0,
                           interpolation="bilinear")
                 ax.set_title(titles[heads[c - 1]], fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def caption(sid: str, frame: int, hours: float, roles: list[str], prob: float | None, t_pred: float | None,

@@ -48,8 +48,8 @@ from cellmtl.metrics import (
     metric_direction,
 )
 from cellmtl.models import MultiTaskResNet, build_model, spec_from_config
-from cellmtl.report import write_report
-from cellmtl.reporting import write_run_plots
+from cellmtl.reports.html import write_report
+from cellmtl.reports.plots import write_run_plots
 from cellmtl.runtime import autocast_ctx, autocast_for, cpu_threads, make_loader, pick_device
 from cellmtl.weighting import FixedWeighting, weighting_from_config
 

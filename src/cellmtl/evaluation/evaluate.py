@@ -18,13 +18,13 @@ from cellmtl.checkpoints import (
 from cellmtl.data.dataset import load_experiment
 from cellmtl.engine import prediction_arrays, prediction_rows, run_model, score
 from cellmtl.errors import BadInputError
+from cellmtl.evaluation.review import write_error_review
+from cellmtl.evaluation.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
 from cellmtl.fileio import write_csv, write_json
 from cellmtl.losses import loss_from_config
-from cellmtl.report import write_report
-from cellmtl.reporting import plot_time_bins, write_run_plots
-from cellmtl.review import write_error_review
+from cellmtl.reports.html import write_report
+from cellmtl.reports.plots import plot_time_bins, write_run_plots
 from cellmtl.runtime import make_loader, pick_device
-from cellmtl.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
 
 LOG_KEYS = (  # printed with their bootstrap CIs (losses have none)
     "cls_auc",

@@ -15,12 +15,9 @@ import numpy as np
 import torch
 
 from cellmtl.fileio import write_csv
-from cellmtl.reporting import _new_figure, _save
+from cellmtl.reports.images import composite
+from cellmtl.reports.plots import new_figure, save_figure
 
-# One colour per channel for composites (magenta/green/cyan... keep channel 0 readable alone in grey).
-CHANNEL_COLORS = np.array(
-    [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.5, 0.0], [0.5, 0.5, 1.0]]
-)
 COLUMNS = ["kind", "rank", "stack_id", "frame", "hours_since_start", "condition", "truth", "prediction", "error"]
 
 
@@ -75,20 +72,6 @@ def error_rows(
     return rows
 
 
-def composite(img: torch.Tensor | np.ndarray) -> np.ndarray:
-    """`[C, H, W]` (any range) -> `[H, W, 3]` float in [0, 1]: one channel in grey, several as additive
-    colours, each channel stretched between its 1st and 99.5th percentile."""
-    a = np.asarray(img, dtype=np.float32)
-    lo = np.percentile(a, 1.0, axis=(1, 2), keepdims=True)
-    hi = np.percentile(a, 99.5, axis=(1, 2), keepdims=True)
-    a = np.clip((a - lo) / np.maximum(hi - lo, 1e-6), 0.0, 1.0)
-    if a.shape[0] == 1:
-        return np.repeat(a[0][..., None], 3, axis=2)
-    colors = CHANNEL_COLORS[np.arange(a.shape[0]) % len(CHANNEL_COLORS)]
-    rgb = np.einsum("chw,ck->hwk", a, colors)
-    return np.clip(rgb, 0.0, 1.0)
-
-
 def plot_error_sheet(
     sections: Sequence[tuple[str, Sequence[int], Sequence[str]]], load: Callable[[int], torch.Tensor], path: Path,
     ncols: int = 6,
@@ -96,7 +79,7 @@ def plot_error_sheet(
     """One titled block of thumbnails per (title, frame indices, captions) section."""
     layout = [(title, idx, caps) for title, idx, caps in sections]
     nrows = sum(max(1, math.ceil(len(idx) / ncols)) for _, idx, _ in layout)
-    fig = _new_figure(2.0 * ncols, 2.3 * nrows + 0.4 * len(layout))
+    fig = new_figure(2.0 * ncols, 2.3 * nrows + 0.4 * len(layout))
     grid = fig.add_gridspec(nrows, ncols)
     row = 0
     for title, idx, caps in layout:
@@ -113,7 +96,7 @@ def plot_error_sheet(
             else:
                 ax.axis("off")
         row += rows_here
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_error_review(

@@ -59,7 +59,7 @@ _QUANTITY_LABELS: dict[str, tuple[str, str]] = {
 }
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     return fig
@@ -72,7 +72,7 @@ def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.tick_params(labelsize=TICK_SIZE)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -134,7 +134,7 @@ def plot_learning_curves(history: Sequence[Mapping[str, float | None]], out_dir:
     bases = sorted(series, key=_quantity_order)
     ncols = min(3, len(bases))
     nrows = math.ceil(len(bases) / ncols)
-    fig = _new_figure(5.0 * ncols, 3.8 * nrows)
+    fig = new_figure(5.0 * ncols, 3.8 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, base in zip(axes[: len(bases)], bases, strict=True):
         title, ylabel = _QUANTITY_LABELS.get(base, (base.replace("_", " "), base))
@@ -167,7 +167,7 @@ def plot_learning_curves(history: Sequence[Mapping[str, float | None]], out_dir:
             ax.legend(fontsize=LEGEND_SIZE)
     for ax in axes[len(bases) :]:
         ax.set_visible(False)
-    return [_save(fig, Path(out_dir) / LEARNING_CURVES)]
+    return [save_figure(fig, Path(out_dir) / LEARNING_CURVES)]
 
 
 def _roc_points(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -196,7 +196,7 @@ def plot_roc(infected: np.ndarray, prob: np.ndarray, path: Path, threshold: floa
     op_fpr = float(np.sum(pred & ~y) / np.sum(~y))
     op_tpr = float(np.sum(pred & y) / np.sum(y))
 
-    fig = _new_figure(5.5, 5.0)
+    fig = new_figure(5.5, 5.0)
     ax = fig.subplots()
     ax.plot(fpr, tpr, color=COLOR_INFECTED, linewidth=2.2, label=f"model (AUC = {m['cls_auc']:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance (AUC = 0.5)")
@@ -209,7 +209,7 @@ def plot_roc(infected: np.ndarray, prob: np.ndarray, path: Path, threshold: floa
     _style(ax, f"ROC: infected vs uninfected (n = {y.size})", "false positive rate", "true positive rate")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=LEGEND_SIZE)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(infected: np.ndarray, prob: np.ndarray, path: Path, threshold: float = 0.5) -> Path:
@@ -222,7 +222,7 @@ def plot_confusion(infected: np.ndarray, prob: np.ndarray, path: Path, threshold
     row_totals = counts.sum(axis=1, keepdims=True)
     row_frac = np.divide(counts, row_totals, out=np.zeros((2, 2)), where=row_totals > 0)
 
-    fig = _new_figure(5.2, 4.6)
+    fig = new_figure(5.2, 4.6)
     ax = fig.subplots()
     image = ax.imshow(row_frac, cmap="Blues", vmin=0.0, vmax=1.0)
     cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -245,7 +245,7 @@ def plot_confusion(infected: np.ndarray, prob: np.ndarray, path: Path, threshold
     acc = m["cls_acc"]
     subtitle = f"accuracy {acc:.3f}, threshold {threshold:g}" if acc is not None else f"threshold {threshold:g}"
     _style(ax, f"Confusion matrix (n = {y.size})\n{subtitle}", "predicted", "true")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_time_scatter(
@@ -268,7 +268,7 @@ def plot_time_scatter(
     y = np.asarray(infected, dtype=float).reshape(-1) == 1
     keep = np.ones(t.size, dtype=bool) if mask is None else np.asarray(mask, dtype=bool).reshape(-1)
 
-    fig = _new_figure(5.8, 5.4)
+    fig = new_figure(5.8, 5.4)
     ax = fig.subplots()
     alpha = 0.7 if keep.sum() < 500 else 0.3
     for is_inf, name, color, key in (
@@ -356,7 +356,7 @@ def plot_time_bins(bins: Sequence[Mapping[str, float | None]], path: Path) -> Pa
     if not bins:
         return None
     centers = [(b["hour_start"] + b["hour_end"]) / 2 for b in bins]
-    fig = _new_figure(11.0, 4.2)
+    fig = new_figure(11.0, 4.2)
     ax_cls, ax_reg = fig.subplots(1, 2)
     for key, label, color in (("cls_auc", "AUC", COLOR_INFECTED), ("cls_acc", "accuracy", COLOR_TRAIN)):
         pts = [(c, b[key]) for c, b in zip(centers, bins, strict=True) if b.get(key) is not None]
@@ -373,4 +373,4 @@ def plot_time_bins(bins: Sequence[Mapping[str, float | None]], path: Path) -> Pa
     if ax_reg.lines:
         ax_reg.legend(fontsize=LEGEND_SIZE)
     _style(ax_reg, "Time error over time", "hours since experiment start", "MAE (hours)")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))

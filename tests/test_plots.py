@@ -1,4 +1,4 @@
-"""cellmtl.reporting writes readable PNGs headless, and skips plots that would be meaningless."""
+"""cellmtl.reports.plots writes readable PNGs headless, and skips plots that would be meaningless."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from cellmtl.reporting import (  # noqa: E402
+from cellmtl.reports.plots import (  # noqa: E402
     _roc_points,
     plot_confusion,
     plot_learning_curves,

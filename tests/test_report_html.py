@@ -17,8 +17,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from cellmtl.report import render_report, run_pngs, write_report  # noqa: E402
-from cellmtl.reporting import plot_time_bins, write_run_plots  # noqa: E402
+from cellmtl.reports.html import render_report, run_pngs, write_report  # noqa: E402
+from cellmtl.reports.plots import plot_time_bins, write_run_plots  # noqa: E402
 
 # Recorded into the DOM on `load`, when every <img> has decoded or failed; --dump-dom prints the result.
 IMG_PROBE = """<script>window.addEventListener('load', () => {
@@ -55,7 +55,7 @@ def images_loaded(html_file: Path, tmp_path: Path) -> list[int]:
 
 
 def fake_run(run: Path) -> Path:
-    """A run folder with the files train and evaluate write, and real plots from cellmtl.reporting."""
+    """A run folder with the files train and evaluate write, and real plots from cellmtl.reports.plots."""
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"experiment_name": "demo <&>", "seed": 3,
                                                      "model": {"name": "resnet18"}, "task": {"mode": "multitask"}}))

@@ -1,0 +1,1 @@
+"""Scoring a finished run on a split: metrics with confidence intervals, time-resolved metrics, error review."""

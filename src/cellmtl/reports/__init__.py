@@ -1,0 +1,1 @@
+"""Plots (PNG) and the run page (HTML) a person reads."""
