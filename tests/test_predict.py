@@ -32,7 +32,7 @@ def test_onset_median_resists_outliers_and_mock_has_none():
     assert row["est_onset_hour"] == pytest.approx(2.0)
     mock = [dict(r, prob_infected=0.1) for r in rows_for("m", 0.0)]
     (m,) = stack_summary(mock)
-    assert m["pred_condition"] == "uninfected" and m["est_onset_hour"] == ""
+    assert m["pred_condition"] == "uninfected" and m["est_onset_hour"] is None
     assert m["prob_infected"] == pytest.approx(0.1) and m["n_frames"] == 12
     assert m["frac_frames_infected"] == 0.0
 
@@ -53,9 +53,9 @@ def test_onset_fit_slope_flags_a_time_head_that_ignores_the_clock():
     assert good["onset_fit_slope"] == pytest.approx(1.0)
     flat = [dict(r, pred_time_hours=12.0) for r in rows_for("b", 2.0)]  # one time for every frame
     (bad,) = stack_summary(flat)
-    assert bad["onset_fit_slope"] == pytest.approx(0.0) and bad["est_onset_hour"] != ""
+    assert bad["onset_fit_slope"] == pytest.approx(0.0) and bad["est_onset_hour"] is not None
     mock = [dict(r, prob_infected=0.1) for r in rows_for("m", 0.0)]
-    assert stack_summary(mock)[0]["onset_fit_slope"] == ""
+    assert stack_summary(mock)[0]["onset_fit_slope"] is None
 
 
 def test_theil_sen_slope_by_hand():

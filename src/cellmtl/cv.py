@@ -13,7 +13,6 @@ command again continues the same cross-validation: only folds without `results.j
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -29,6 +28,7 @@ from cellmtl.config import Config, config_from_dict, config_to_dict
 from cellmtl.data.dataset import load_records
 from cellmtl.data.manifest import StackRecord
 from cellmtl.data.splits import auto_split, splits_from_lists
+from cellmtl.engine import read_prediction_rows
 from cellmtl.errors import BadInputError
 from cellmtl.fileio import write_csv, write_json, write_text
 from cellmtl.metrics import compute_metrics
@@ -227,24 +227,25 @@ def _mean_std(values: list[float | None]) -> dict[str, float | int | None]:
     return {"mean": float(np.mean(vals)), "std": std, "n": len(vals)}
 
 
-def _float(v: str) -> float:
-    return float(v) if v not in ("", None) else float("nan")
+def _floats(rows: Sequence[dict], column: str) -> np.ndarray:
+    return np.array([np.nan if r[column] is None else r[column] for r in rows], dtype=np.float64)
 
 
-def score_rows(rows: Sequence[dict[str, str]]) -> dict[str, float | None]:
-    """Metrics of prediction rows (SPEC section 6 columns) scored as one set."""
+def score_rows(rows: Sequence[dict]) -> dict[str, float | None]:
+    """Metrics of prediction rows (SPEC section 6 columns, as `engine.read_prediction_rows` gives them)
+    scored as one set."""
     labelled = [r for r in rows if r.get("condition") in ("infected", "uninfected")]
     if not labelled:
         return {}
     infected = np.array([r["condition"] == "infected" for r in labelled], dtype=np.int64)
-    has_prob = labelled[0]["prob_infected"] != ""
-    has_time = labelled[0]["pred_time_hours"] != ""
-    t_true = np.array([_float(r["time_target"]) for r in labelled])
+    has_prob = labelled[0]["prob_infected"] is not None
+    has_time = labelled[0]["pred_time_hours"] is not None
+    t_true = _floats(labelled, "time_target")
     return compute_metrics(
         infected=infected,
-        prob=np.array([_float(r["prob_infected"]) for r in labelled]) if has_prob else None,
+        prob=_floats(labelled, "prob_infected") if has_prob else None,
         time_true=np.nan_to_num(t_true) if has_time else None,
-        time_pred=np.array([_float(r["pred_time_hours"]) for r in labelled]) if has_time else None,
+        time_pred=_floats(labelled, "pred_time_hours") if has_time else None,
         time_mask=np.isfinite(t_true) if has_time else None,
         stack=np.array([r["stack_id"] for r in labelled]),
     )
@@ -264,8 +265,7 @@ def write_summary(cv_dir: Path, plan: dict[str, Any]) -> dict[str, Any]:
                    "n_val_stacks": sum(1 for f in plan["assignment"].values() if f == fold),
                    "val": res["best"], "test": res.get("test")}
             fold_rows.append(row)
-            with (run / "predictions_val.csv").open(newline="") as fh:
-                oof += [{"fold": fold, "seed": seed, **r} for r in csv.DictReader(fh)]
+            oof += [{"fold": fold, "seed": seed, **r} for r in read_prediction_rows(run / "predictions_val.csv")]
     keys = list(dict.fromkeys(k for r in fold_rows for k in r["val"]))
     summary: dict[str, Any] = {
         "cv_dir": str(cv_dir),

@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import csv
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -113,21 +115,40 @@ def prediction_rows(
             "stack_id": rec.stack_id,
             "frame": int(idx.frame[k]),
             "hours_since_start": round(float(idx.hours[k]), 6),
-            "prob_infected": "" if preds.prob is None else round(float(preds.prob[k]), 6),
-            "pred_condition": ""
+            "prob_infected": None if preds.prob is None else round(float(preds.prob[k]), 6),
+            "pred_condition": None
             if preds.prob is None
             else ("infected" if preds.prob[k] >= threshold else "uninfected"),
-            "pred_time_hours": "" if preds.time_pred is None else round(float(preds.time_pred[k]), 4),
+            "pred_time_hours": None if preds.time_pred is None else round(float(preds.time_pred[k]), 4),
         }
         if preds.time_std is not None:
             row["pred_time_std"] = round(float(preds.time_std[k]), 4)
         row["path"] = rec.path
         row.update(rec.extra)
         label = int(idx.infected[k])
-        row["condition"] = "" if label < 0 else ("infected" if label == 1 else "uninfected")
+        row["condition"] = None if label < 0 else ("infected" if label == 1 else "uninfected")
         t = float(idx.time_target[k])
-        row["time_target"] = round(t, 6) if np.isfinite(t) else ""
+        row["time_target"] = round(t, 6) if np.isfinite(t) else None
         rows.append(row)
+    return rows
+
+
+NUMERIC_COLUMNS = ("hours_since_start", "prob_infected", "pred_time_hours", "pred_time_std", "time_target")
+
+
+def read_prediction_rows(path: Path) -> list[dict]:
+    """A predictions CSV (as `prediction_rows` wrote it) back into rows: its number columns as floats, empty
+    cells as None."""
+    with Path(path).open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        r["frame"] = int(r["frame"])
+        for c in NUMERIC_COLUMNS:
+            if c in r:
+                r[c] = float(r[c]) if r[c] != "" else None
+        for c in ("pred_condition", "condition"):
+            if r.get(c) == "":
+                r[c] = None
     return rows
 
 

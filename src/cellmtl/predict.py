@@ -54,22 +54,23 @@ def stack_summary(rows: Sequence[dict], threshold: float = 0.5) -> list[dict]:
         by_stack.setdefault(r["stack_id"], []).append(r)
     out = []
     for sid, frames in by_stack.items():
-        row: dict = {"stack_id": sid, "path": frames[0].get("path", ""), "n_frames": len(frames)}
-        probs = [float(f["prob_infected"]) for f in frames if f["prob_infected"] != ""]
+        row: dict = {"stack_id": sid, "path": frames[0].get("path"), "n_frames": len(frames)}
+        probs = [f["prob_infected"] for f in frames if f["prob_infected"] is not None]
         mean = float(np.mean(probs)) if probs else None
-        row["prob_infected"] = "" if mean is None else round(mean, 6)
-        row["pred_condition"] = "" if mean is None else ("infected" if mean >= threshold else "uninfected")
-        row["frac_frames_infected"] = "" if mean is None else round(float(np.mean(np.asarray(probs) >= threshold)), 3)
-        onset, slope = "", ""
-        if mean is not None and mean >= threshold and frames[0]["pred_time_hours"] != "":
+        row["prob_infected"] = None if mean is None else round(mean, 6)
+        row["pred_condition"] = None if mean is None else ("infected" if mean >= threshold else "uninfected")
+        row["frac_frames_infected"] = (None if mean is None
+                                       else round(float(np.mean(np.asarray(probs) >= threshold)), 3))
+        onset, slope = None, None
+        if mean is not None and mean >= threshold and frames[0]["pred_time_hours"] is not None:
             voters = [f for f in frames if float(f["prob_infected"]) >= threshold]
             votes = [f["hours_since_start"] - f["pred_time_hours"] for f in voters]
-            onset = round(float(np.median(votes)), 3) if votes else ""
+            onset = round(float(np.median(votes)), 3) if votes else None
             fit = theil_sen_slope([f["hours_since_start"] for f in voters], [f["pred_time_hours"] for f in voters])
-            slope = "" if fit is None else round(fit, 3)
+            slope = None if fit is None else round(fit, 3)
         row["est_onset_hour"] = onset
         row["onset_fit_slope"] = slope
-        row["condition"] = frames[0].get("condition", "")
+        row["condition"] = frames[0].get("condition")
         out.append(row)
     return out
 
@@ -78,9 +79,9 @@ def onset_note(summary: Sequence[dict]) -> str | None:
     """A line for the user when stacks predicted infected have `onset_fit_slope` under FLAT_SLOPE:
     their `est_onset_hour` is then an artefact of the frames' clock times, and a number in a CSV column is
     easy to take at face value."""
-    onset_rows = [r for r in summary if r.get("est_onset_hour", "") != ""]
+    onset_rows = [r for r in summary if r.get("est_onset_hour") is not None]
     flat = [r["stack_id"] for r in onset_rows
-            if r.get("onset_fit_slope", "") != "" and float(r["onset_fit_slope"]) < FLAT_SLOPE]
+            if r.get("onset_fit_slope") is not None and r["onset_fit_slope"] < FLAT_SLOPE]
     if not flat:
         return None
     shown = ", ".join(flat[:5]) + (f" and {len(flat) - 5} more" if len(flat) > 5 else "")
