@@ -159,3 +159,31 @@ def test_gradnorm_weights_stay_equal_across_ranks(tmp_path):
     np.testing.assert_array_equal(b0, b1)
     assert abs(b0[0] + b0[1] - 2.0) < 1e-5 and b0[0] != b0[1]  # renormalised to N_TASKS, and actually moved
     assert a0[2] == 5 and b0[2] == 4  # rank 1's NaN batch at step 3: both ranks skipped that one step
+
+
+def test_predict_under_torchrun_writes_the_same_tables_as_one_process(tiny_config, tiny_experiment, tmp_path):
+    from cellmtl.cli import main
+
+    assert main(["train", "--config", str(tiny_config), "--set", "training.epochs=1"]) == 0
+    run = sorted((tiny_config.parent / "outputs" / "t").iterdir())[-1]
+    ckpt = str(run / "checkpoints" / "best.pt")
+    args = ["--checkpoint", ckpt, "--manifest", str(tiny_experiment)]
+    assert main(["predict", *args, "--out", str(tmp_path / "one.csv")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cellmtl",
+           "predict", *args, "--device", "cpu", "--out", str(tmp_path / "two.csv")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines() == [str(tmp_path / "two.csv")]  # one line, from rank 0
+    for name in ("{}.csv", "{}.stacks.csv"):
+        with (tmp_path / name.format("one")).open() as fh:
+            one = list(csv.DictReader(fh))
+        with (tmp_path / name.format("two")).open() as fh:
+            two = list(csv.DictReader(fh))
+        assert len(one) == len(two) > 0 and one[0].keys() == two[0].keys()
+        for a, b in zip(one, two, strict=True):
+            for key, value in a.items():
+                if key in ("prob_infected", "pred_time_hours", "est_onset_hour", "onset_fit_slope"):
+                    assert (value == b[key] == "") or math.isclose(float(value), float(b[key]), abs_tol=1e-4)
+                else:
+                    assert value == b[key], (key, value, b[key])

@@ -146,7 +146,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cellmtl.predict import predict
 
     out = predict(args.checkpoint, out=args.out, **stack_source(args, "predict"))
-    print(out)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 (which wrote the tables)
+        print(out)
     return 0
 
 

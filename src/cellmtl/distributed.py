@@ -1,4 +1,5 @@
-"""Distributed data-parallel training on PyTorch's own engine (`torchrun ... -m cellmtl train`).
+"""Distributed data-parallel training and prediction on PyTorch's own engine (`torchrun ... -m cellmtl train`,
+`torchrun ... -m cellmtl predict`; `predict` shards the stacks over the ranks and rank 0 writes the tables).
 
 `torchrun` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR; `init()` joins the process group (nccl
 on CUDA, gloo on CPU). Training then differs from one process in a few places only, each a hook here:
@@ -184,16 +185,19 @@ def gather_predictions(preds: Predictions, positions: np.ndarray, n: int, ctx: D
     parts = gather_objects((positions, preds), ctx)
 
     def merge(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-        if arrays[0] is None:
+        first = next((a for a in arrays if a is not None), None)  # a rank with an empty shard has no arrays
+        if first is None:
             return None
-        out = np.empty((n, *arrays[0].shape[1:]), dtype=arrays[0].dtype)  # per_class outputs are [B, 2]
+        out = np.empty((n, *first.shape[1:]), dtype=first.dtype)  # per_class outputs are [B, 2]
         for (pos, _), a in zip(parts, arrays, strict=True):
-            out[pos] = a
+            if a is not None:
+                out[pos] = a
         return out
 
     names = [f.name for f in fields(Predictions) if f.name not in ("n", "extra")]
     merged = {f: merge([getattr(p, f) for _, p in parts]) for f in names}
-    extra = {k: merge([p.extra[k] for _, p in parts]) for k in preds.extra} if preds.extra else None
+    keys = next((p.extra.keys() for _, p in parts if p.extra), ())
+    extra = {k: merge([p.extra[k] if p.extra else None for _, p in parts]) for k in keys} or None
     return Predictions(n=n, **merged, extra=extra)
 
 

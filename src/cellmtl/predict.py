@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import Subset
 
+from cellmtl import distributed
 from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint, model_from_checkpoint
 from cellmtl.config import FrameSelection
 from cellmtl.data.channels import checkpoint_channels
@@ -135,14 +137,27 @@ def predict(
     """Per-frame predictions CSV at `out` and `<stem>.stacks.csv` beside it; returns `out`.
 
     Uses the checkpoint's own channels, normalisation and image size. Labels are optional: where the
-    manifest gives a condition (and onset), `condition` and `time_target` columns are filled in."""
+    manifest gives a condition (and onset), `condition` and `time_target` columns are filled in.
+
+    Under torchrun each process scores a shard of the stacks (stack k on rank k % world size, so each file is
+    read by one process) on its own device; the predictions are gathered and rank 0 writes the same tables
+    as one process would (SLURM: `srun torchrun ... -m cellmtl predict ...` scores a plate across nodes)."""
     ckpt, records, ds = new_stacks_dataset(checkpoint, manifest, paths, frame_interval_hours)
-    dev = pick_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
-    loader = make_loader(ds, batch_size=batch_size, num_workers=num_workers, device=dev)
-    preds = run_model(model.eval(), loader, dev, progress=progress, desc="predict")
-    rows = prediction_rows(ds, preds, records)
+    ctx = distributed.init(device)
+    try:
+        dev = distributed.device_for(ctx, pick_device(device))
+        model = model_from_checkpoint(ckpt).to(dev)
+        positions = np.flatnonzero(ds.index.stack % ctx.world_size == ctx.rank)
+        mine = ds if not ctx.enabled else Subset(ds, positions.tolist())
+        loader = make_loader(mine, batch_size=batch_size, num_workers=num_workers, device=dev)
+        preds = run_model(model.eval(), loader, dev, progress=progress and ctx.is_main, desc="predict")
+        preds = distributed.gather_predictions(preds, positions, len(ds), ctx) if ctx.enabled else preds
+    finally:
+        distributed.shutdown()
     out = Path(out)
+    if not ctx.is_main:
+        return out
+    rows = prediction_rows(ds, preds, records)
     write_csv(rows, out)
     summary = stack_summary(rows)
     write_csv(summary, out.with_name(f"{out.stem}.stacks.csv"))
