@@ -46,8 +46,8 @@ def test_time_scaling_round_trip():
 
 
 def test_unknown_backbone_is_bad_input():
-    with pytest.raises(BadInputError, match="model.name 'vgg16'"):
-        MultiTaskResNet(ModelSpec("vgg16", 2, "multitask"))
+    with pytest.raises(BadInputError, match="model.name 'resnet19' is not a torchvision classification model"):
+        MultiTaskResNet(ModelSpec("resnet19", 2, "multitask"))
 
 
 def test_pretrained_offline_names_file(monkeypatch, tmp_path):

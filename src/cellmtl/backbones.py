@@ -111,6 +111,19 @@ def timm_trunk(name: str, *, pretrained: bool = False) -> Trunk:
                  tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
 
 
+def pretrained_statistics(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) RGB input statistics of the model's pretrained weights: ImageNet's for torchvision; timm's
+    pretrained_cfg (some timm weights use 0.5 / 0.5)."""
+    family, lib_name = resolve_name(name)
+    if family == "timm":
+        import timm
+
+        cfg = timm.get_pretrained_cfg(lib_name)
+        if cfg is not None:
+            return tuple(cfg.mean), tuple(cfg.std)
+    return IMAGENET_MEAN, IMAGENET_STD
+
+
 def create_trunk(name: str) -> Trunk:
     """The trunk for `model.name`, randomly initialised (load weights with `load_trunk_weights`)."""
     family, lib_name = resolve_name(name)

@@ -25,11 +25,11 @@ from cellmtl.review import composite
 
 
 def target_layer(model: MultiTaskResNet) -> nn.Module:
-    """The last shared block: `backbone.layer4` of the torchvision ResNets in `models.RESNETS`."""
-    layer = getattr(model.backbone, "layer4", None)
-    if not isinstance(layer, nn.Module):
-        raise BadInputError(f"explain: model {model.spec.name!r} has no backbone.layer4 to explain")
-    return layer
+    """The last shared block with spatial maps (`backbone.layer4` of ResNets; `MultiTaskNet.feature_layer`)."""
+    try:
+        return model.feature_layer()
+    except BadInputError as exc:
+        raise BadInputError(f"explain: model {model.spec.name!r}: {exc}") from None
 
 
 def grad_cam(model: MultiTaskResNet, x: torch.Tensor, head: str, sign: torch.Tensor | None = None) -> torch.Tensor:

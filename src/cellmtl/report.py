@@ -28,6 +28,8 @@ SUMMARY_KEYS = (
     "data.normalization.mode",
     "model.name",
     "model.pretrained",
+    "model.weights",
+    "training.strategy",
     "task.mode",
     "multitask.classification_weight",
     "multitask.regression_weight",
