@@ -86,7 +86,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cellmtl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    print(compare(cfg, args.seeds))
+    print(compare(cfg, args.seeds, strategies=args.strategies))
     return 0
 
 
@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=1, help="seeds per mode: config seed, seed+1, ... (paired tests "
                    "need 2 or more)")
+    p.add_argument("--strategies", nargs="+", metavar="S", default=None,
+                   help="compare training strategies on the config's task instead of task modes: scratch (the same "
+                   "network from random weights), finetune, probe, lp_ft; e.g. --strategies scratch probe lp_ft")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("check-data", help="read every stack of a config; report counts, shapes, times, problems")
