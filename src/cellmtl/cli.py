@@ -51,8 +51,20 @@ def write_starter_config(manifest: Path, path: Path) -> Path:
     raw["data"]["manifest"] = str(Path(manifest).resolve())
     raw["experiment_name"] = "synthetic"
     raw["output_dir"] = "outputs"  # runs in outputs/synthetic/<run_id>, as the README shows (not the demo's folder)
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    path.write_text(STARTER_HEADER + yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+STARTER_HEADER = """\
+# cellmtl starter config for the synthetic experiment beside it (every key: configs/multitask_example.yaml).
+# Few wells of your own (under ~30 training stacks)? The time head needs pretrained features to transfer to
+# new wells: start from ImageNet weights with a frozen-feature probe (docs/MULTITASK_LEARNING.md, "Few wells?
+# Start from pretrained weights"), e.g.
+#   cellmtl train --config config.yaml --set model.name=mobilenet_v2 \\
+#     --set model.weights=.weights/mobilenet_v2_imagenet.pt --set training.strategy=probe \\
+#     --set multitask.time_head=per_class --set data.image_size=224
+# (`make weights` writes that file offline; with internet, model.pretrained: true uses torchvision's own.)
+"""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
