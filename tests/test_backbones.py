@@ -169,3 +169,18 @@ def test_pretrained_input_statistics_are_in_the_checkpoint_and_the_onnx_graph(tm
     np.testing.assert_allclose(hours, model.time_hours(ref["time"]).numpy(), atol=1e-3)
     meta = {p.key: p.value for p in __import__("onnx").load(str(out)).metadata_props}
     assert json.loads(meta["cellmtl.input_mean"]) == pytest.approx([0.485, 0.456])
+
+
+def test_timm_models_and_their_state_dicts(tmp_path):
+    timm = pytest.importorskip("timm")
+    m = MultiTaskNet(ModelSpec("timm:mobilenetv3_small_050", 3, "multitask", head_hidden=0)).eval()
+    assert m.family == "timm" and m.n_features == 1024  # the width after timm's pre-logits layer
+    assert m(torch.rand(2, 3, 64, 64))["infected"].shape == (2,)
+    # a state dict saved from timm (classifier included) loads under timm's names; its stem is adapted
+    state = timm.create_model("resnet18", num_classes=1000).state_dict()
+    trunk = create_trunk("timm:resnet18")
+    from cellmtl.backbones import adapt_stem
+
+    adapt_stem(trunk.module, 1)
+    load_trunk_weights(trunk, state, "timm.pt")
+    torch.testing.assert_close(trunk.module.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))

@@ -107,7 +107,8 @@ def timm_trunk(name: str, *, pretrained: bool = False) -> Trunk:
             "model.weights: PATH"
         ) from None
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    return Trunk(model, int(model.num_features), str(cfg.get("classifier", "head")), "timm",
+    width = getattr(model, "head_hidden_size", None) or model.num_features  # after a pre-logits layer where one is
+    return Trunk(model, int(width), str(cfg.get("classifier", "head")), "timm",
                  tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)))
 
 
