@@ -119,10 +119,14 @@ def test_probe_run_end_to_end(capsys, tiny_experiment, tmp_path, imagenet_weight
 
 @pytest.mark.slow
 def test_lp_ft_starts_from_the_probe_and_fine_tunes(capsys, tiny_experiment, tmp_path):
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, model={"head_hidden": None, "pretrained": False},
-                       training={"strategy": "lp_ft", "epochs": 2})
+    """lp_ft with a temporal context read by `features` fusion: the probe stage, then the epoch loop."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, model={"head_hidden": None, "temporal_fusion":
+                       "features"}, training={"strategy": "lp_ft", "epochs": 2},
+                       data={"temporal_context_hours": [-2, 0]})
     run = Path(cli(capsys, "train", "--config", str(cfg)))
     results = json.loads((run / "results.json").read_text())
+    spec = load_checkpoint(run / "checkpoints" / "best.pt")["model_spec"]
+    assert (spec["temporal_fusion"], spec["context_frames"], spec["in_chans"]) == ("features", 2, 4)
     assert results["history_length"] == 2 and results["strategy"] == "lp_ft"
     assert "logistic_C" in results["probe"] and "cls_auc" in results["probe"]["val"]
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
