@@ -184,3 +184,16 @@ def test_timm_models_and_their_state_dicts(tmp_path):
     adapt_stem(trunk.module, 1)
     load_trunk_weights(trunk, state, "timm.pt")
     torch.testing.assert_close(trunk.module.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+
+
+def test_checkpoints_from_before_the_factory_still_load():
+    """A ResNet checkpoint's model_spec from before this change has only the first seven fields, and its state dict
+    the same keys as now (no input statistics: they are not persistent buffers)."""
+    m = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=16, time_head="per_class")).eval()
+    old_spec = {k: v for k, v in m.spec.to_dict().items()
+                if k in ("name", "in_chans", "mode", "dropout", "head_hidden", "time_head", "time_nll")}
+    assert not any("input_" in k for k in m.state_dict())
+    again = model_from_checkpoint({"model": m.state_dict(), "model_spec": old_spec})
+    x = torch.rand(2, 2, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)["time_per_class"], m(x)["time_per_class"])
