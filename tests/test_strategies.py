@@ -169,3 +169,27 @@ def test_probe_features_of_a_temporal_context_are_computed_once_per_frame(tiny_e
         direct = torch.cat([model.features(b["image"]) for b in loader(train_ds)]).numpy()
     assert cached.shape == (len(train_ds), 1024)
     np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("time_head", ["shared", "conditioned"])
+def test_fit_heads_other_time_heads_and_gaussian_nll(time_head):
+    """conditioned: the ridge also sees the logit (folded back to the raw logit the head receives); gaussian_nll:
+    the log-variance output is the constant cross-validated residual variance."""
+    rng = np.random.default_rng(2)
+    stack = np.repeat(np.arange(6), 10)
+    infected = (stack % 2).astype(np.int8)
+    feats = np.zeros((len(stack), 512), np.float32)
+    feats[:, :3] = rng.normal(size=(len(stack), 3))
+    feats[:, 0] += 3.0 * infected
+    hours = (3.0 * feats[:, 1] + 8.0 + rng.normal(scale=0.5, size=len(stack))).astype(np.float32)
+    index = SampleIndex(stack.astype(np.int32), np.zeros(len(stack), np.int32), hours, infected, hours)
+    model = MultiTaskNet(ModelSpec("resnet18", 1, "multitask", head_hidden=0, time_head=time_head,
+                                   time_nll=True)).eval()
+    model.set_time_scaling(8.0, 3.0)
+    info = fit_heads(model, feats, index)
+    assert "ridge_alpha_all" in info
+    with torch.no_grad():
+        out = model.heads(torch.from_numpy(feats))
+    assert np.abs(model.time_hours(out["time"]).numpy() - hours).mean() < 1.0
+    logvar = out["time_logvar"].numpy()
+    assert np.allclose(logvar, logvar[0]) and np.exp(logvar[0]) * 9.0 < 2.0  # residual variance in h^2, ~0.25
