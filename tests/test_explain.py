@@ -8,14 +8,14 @@ import torch
 
 from cellmtl.cli import main
 from cellmtl.explain import grad_cam, pick_frames
-from cellmtl.models import ModelSpec, MultiTaskResNet
+from cellmtl.models import ModelSpec, MultiTaskNet
 
 
-def fixed_model(name: str, in_chans: int = 1) -> MultiTaskResNet:
+def fixed_model(name: str, in_chans: int = 1) -> MultiTaskNet:
     """Untrained, fixed-seed trunk; heads that sum the pooled features, so every feature map counts with a
     positive weight and the map shows where the trunk responds."""
     torch.manual_seed(0)
-    m = MultiTaskResNet(ModelSpec(name, in_chans, "multitask", head_hidden=8, dropout=0.0)).eval()
+    m = MultiTaskNet(ModelSpec(name, in_chans, "multitask", head_hidden=8, dropout=0.0)).eval()
     with torch.no_grad():
         for head in (m.cls_head, m.time_head):
             head[0].weight.fill_(1.0 / head[0].in_features)
@@ -28,7 +28,7 @@ def fixed_model(name: str, in_chans: int = 1) -> MultiTaskResNet:
 @pytest.mark.parametrize("name", ["resnet18", "resnext50_32x4d"])  # basic and bottleneck blocks
 def test_grad_cam_shape_and_range(name):
     torch.manual_seed(1)
-    m = MultiTaskResNet(ModelSpec(name, 2, "multitask", head_hidden=8)).eval()
+    m = MultiTaskNet(ModelSpec(name, 2, "multitask", head_hidden=8)).eval()
     x = torch.randn(3, 2, 64, 64)
     for head, sign in (("infected", torch.tensor([1.0, -1.0, 1.0])), ("time", None)):
         cam = grad_cam(m, x, head, sign)

@@ -7,20 +7,20 @@ import torch.nn.functional as F
 from cellmtl.checkpoints import atomic_save, load_checkpoint
 from cellmtl.errors import BadInputError
 from cellmtl.losses import MultiTaskLoss
-from cellmtl.models import ModelSpec, MultiTaskResNet, adapt_conv_weight
+from cellmtl.models import ModelSpec, MultiTaskNet, adapt_conv_weight
 
 
 @pytest.mark.parametrize("mode, keys", [("multitask", {"infected", "time"}), ("classification", {"infected"}),
                                         ("regression", {"time"})])
 def test_forward_returns_dict_by_task(mode, keys):
-    m = MultiTaskResNet(ModelSpec("resnet18", 3, mode, head_hidden=16)).eval()
+    m = MultiTaskNet(ModelSpec("resnet18", 3, mode, head_hidden=16)).eval()
     out = m(torch.rand(2, 3, 32, 32))
     assert set(out) == keys and all(v.shape == (2,) for v in out.values())
 
 
 def test_first_conv_takes_any_channel_count():
     for c in (1, 2, 4, 7):
-        m = MultiTaskResNet(ModelSpec("resnet18", c, "multitask", head_hidden=8)).eval()
+        m = MultiTaskNet(ModelSpec("resnet18", c, "multitask", head_hidden=8)).eval()
         assert m.backbone.conv1.in_channels == c
         assert m(torch.rand(1, c, 32, 32))["infected"].shape == (1,)
 
@@ -38,7 +38,7 @@ def test_adapt_conv_weight_like_timm():
 
 
 def test_time_scaling_round_trip():
-    m = MultiTaskResNet(ModelSpec("resnet18", 1, "multitask", head_hidden=8))
+    m = MultiTaskNet(ModelSpec("resnet18", 1, "multitask", head_hidden=8))
     m.set_time_scaling(10.0, 4.0)
     h = torch.tensor([2.0, 10.0, 30.0])
     torch.testing.assert_close(m.time_hours(m.scale_time(h)), h)
@@ -46,8 +46,8 @@ def test_time_scaling_round_trip():
 
 
 def test_unknown_backbone_is_bad_input():
-    with pytest.raises(BadInputError, match="model.name 'vgg16'"):
-        MultiTaskResNet(ModelSpec("vgg16", 2, "multitask"))
+    with pytest.raises(BadInputError, match="model.name 'resnet19' is not a torchvision classification model"):
+        MultiTaskNet(ModelSpec("resnet19", 2, "multitask"))
 
 
 def test_pretrained_offline_names_file(monkeypatch, tmp_path):
@@ -59,7 +59,7 @@ def test_pretrained_offline_names_file(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(BadInputError) as exc:
-        MultiTaskResNet(ModelSpec("resnet18", 2, "multitask"), pretrained=True)
+        MultiTaskNet(ModelSpec("resnet18", 2, "multitask"), pretrained=True)
     msg = str(exc.value)
     assert "resnet18" in msg and "https://" in msg and str(tmp_path) in msg
 
@@ -90,7 +90,7 @@ def test_loss_without_time_targets_is_finite_and_pos_weight():
 
 
 def test_atomic_save_and_weights_only_load(tmp_path):
-    m = MultiTaskResNet(ModelSpec("resnet18", 2, "multitask", head_hidden=8))
+    m = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=8))
     ckpt = {"model": m.state_dict(), "model_spec": m.spec.to_dict(), "history": [{"epoch": 1, "val_cls_auc": None}]}
     path = tmp_path / "c" / "best.pt"
     atomic_save(ckpt, path)

@@ -18,7 +18,7 @@ from cellmtl.data.targets import time_targets
 from cellmtl.errors import BadInputError
 from cellmtl.losses import MultiTaskLoss, gaussian_nll
 from cellmtl.metrics import interval_coverage
-from cellmtl.models import ModelSpec, MultiTaskResNet
+from cellmtl.models import ModelSpec, MultiTaskNet
 from cellmtl.weighting import dwa_weights, gradnorm_targets, kendall_total
 
 from .conftest import write_config
@@ -40,14 +40,14 @@ def test_per_class_loss_uses_true_class_and_prediction_uses_predicted_class():
     out["time"] = out["time_per_class"][:, 1]  # what the model reports: the predicted (infected) class's
     loss = MultiTaskLoss()(out, torch.tensor([1.0, 0.0]), torch.tensor([10.0, 5.0]), torch.tensor([True, True]))
     assert loss["reg"].item() == 0.0  # true classes' columns hit both targets exactly
-    m = MultiTaskResNet(ModelSpec("resnet18", 2, "multitask", head_hidden=8, time_head="per_class")).eval()
+    m = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=8, time_head="per_class")).eval()
     o = m(torch.rand(3, 2, 32, 32))
     col = (o["infected"] >= 0).long()
     torch.testing.assert_close(o["time"], o["time_per_class"][torch.arange(3), col])
 
 
 def test_conditioned_head_sees_a_detached_logit():
-    m = MultiTaskResNet(ModelSpec("resnet18", 1, "multitask", head_hidden=8, time_head="conditioned"))
+    m = MultiTaskNet(ModelSpec("resnet18", 1, "multitask", head_hidden=8, time_head="conditioned"))
     o = m(torch.rand(2, 1, 32, 32))
     o["time"].sum().backward()
     assert all(p.grad is None or not p.grad.any() for p in m.cls_head.parameters())

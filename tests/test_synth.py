@@ -158,3 +158,14 @@ def test_bad_arguments_are_bad_input(tmp_path: Path, kwargs: dict, word: str) ->
     with pytest.raises(BadInputError, match=word):
         write_experiment(tmp_path, **kwargs)
     assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_starter_config_points_few_wells_to_pretrained_weights(tmp_path):
+    import yaml
+
+    from cellmtl.cli import write_starter_config
+
+    path = write_starter_config(tmp_path / "manifest.csv", tmp_path / "config.yaml")
+    text = path.read_text()
+    assert "Few wells" in text and "training.strategy=probe" in text and "model.weights=" in text
+    assert yaml.safe_load(text)["experiment_name"] == "synthetic"  # the comments leave the YAML as it was

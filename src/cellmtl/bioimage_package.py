@@ -32,7 +32,7 @@ from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
 from cellmtl.data.transforms import Normalizer
 from cellmtl.errors import BadInputError, ExportError
 from cellmtl.export import OPSET, onnx_graph
-from cellmtl.models import MultiTaskResNet
+from cellmtl.models import MultiTaskNet
 
 TEST_FRAME_HOUR = 12.0  # the synthetic test frame: an infected stack, 12 h after start, onset at 2 h
 
@@ -83,7 +83,7 @@ class PackageWrapper(nn.Module):
     """One `[N, K]` tensor out (K = the tasks the model has), because a bioimage.io output needs named
     channels along an axis rather than a tuple of 1-D tensors."""
 
-    def __init__(self, model: MultiTaskResNet) -> None:
+    def __init__(self, model: MultiTaskNet) -> None:
         super().__init__()
         self.model = model.eval()
 
@@ -115,7 +115,7 @@ def test_image(in_chans: int, channels: list[int], size: int) -> np.ndarray:
     return np.ascontiguousarray(stack[0][picks][None])
 
 
-def reference_output(model: MultiTaskResNet, normalizer: Normalizer, image: np.ndarray) -> np.ndarray:
+def reference_output(model: MultiTaskNet, normalizer: Normalizer, image: np.ndarray) -> np.ndarray:
     """cellmtl's own path (float32 conversion, Normalizer, PyTorch model) on `[1, C, H, W]`: `[1, K]` float32."""
     x = normalizer(torch.from_numpy(image[0].astype(np.float32)))[None]
     with torch.no_grad():

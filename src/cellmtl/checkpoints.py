@@ -21,7 +21,7 @@ from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
 from cellmtl.data.readers import StackInfo
 from cellmtl.data.transforms import Normalizer
 from cellmtl.errors import BadInputError
-from cellmtl.models import ModelSpec, MultiTaskResNet
+from cellmtl.models import ModelSpec, MultiTaskNet
 
 FORMAT_VERSION = 1
 
@@ -127,8 +127,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return _read_checkpoint(prev, map_location)
 
 
-def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiTaskResNet:
-    model = MultiTaskResNet(ModelSpec(**ckpt["model_spec"]))
+def model_from_checkpoint(ckpt: dict[str, Any]) -> MultiTaskNet:
+    model = MultiTaskNet(ModelSpec.from_dict(ckpt["model_spec"]))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 

@@ -43,15 +43,29 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 def write_starter_config(manifest: Path, path: Path) -> Path:
     """A config next to synthetic data, so `synth` is followed by `check-data`/`train` at once."""
+    import yaml
+
     from cellmtl.demo import DEMO_CONFIG
-    from cellmtl.fileio import write_yaml
+    from cellmtl.fileio import write_text
 
     raw = json.loads(json.dumps(DEMO_CONFIG))
     raw["data"]["manifest"] = str(Path(manifest).resolve())
     raw["experiment_name"] = "synthetic"
     raw["output_dir"] = "outputs"  # runs in outputs/synthetic/<run_id>, as the README shows (not the demo's folder)
-    write_yaml(path, raw)
+    write_text(path, STARTER_HEADER + yaml.safe_dump(raw, sort_keys=False))
     return path
+
+
+STARTER_HEADER = """\
+# cellmtl starter config for the synthetic experiment beside it (every key: configs/multitask_example.yaml).
+# Few wells of your own (under ~30 training stacks)? The time head needs pretrained features to transfer to
+# new wells: start from ImageNet weights with a frozen-feature probe (docs/MULTITASK_LEARNING.md, "Few wells?
+# Start from pretrained weights"), e.g.
+#   cellmtl train --config config.yaml --set model.name=mobilenet_v2 \\
+#     --set model.weights=.weights/mobilenet_v2_imagenet.pt --set training.strategy=probe \\
+#     --set multitask.time_head=per_class --set data.image_size=224
+# (`make weights` writes that file offline; with internet, model.pretrained: true uses torchvision's own.)
+"""
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -85,7 +99,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cellmtl.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    print(compare(cfg, args.seeds))
+    print(compare(cfg, args.seeds, strategies=args.strategies))
     return 0
 
 
@@ -254,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--seeds", type=int, default=1, help="seeds per mode: config seed, seed+1, ... (paired tests "
                    "need 2 or more)")
+    p.add_argument("--strategies", nargs="+", metavar="S", default=None,
+                   help="compare training strategies on the config's task instead of task modes: scratch (the same "
+                   "network from random weights), finetune, probe, lp_ft; e.g. --strategies scratch probe lp_ft")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("manifest", help="write a manifest from per-image files (plate imagers) and a plate map")

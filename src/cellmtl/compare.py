@@ -1,8 +1,10 @@
-"""`cellmtl compare`: is multi-task learning worth it on *this* data?
+"""`cellmtl compare`: is multi-task learning worth it on *this* data? And which training strategy?
 
 Trains `multitask`, `classification`-only and `regression`-only models with each seed on one identical
 split (the first run's, passed to the others as explicit `data.*_stacks` and checked in every
-`splits.csv`), and a `classical` baseline (hand-crafted per-channel intensity and texture features + a
+`splits.csv`); with `--strategies`, the config's task with each `training.strategy` instead (`scratch` = the same
+network from random weights), so a user sees scratch vs probe vs fine-tune on their own wells; and a `classical`
+baseline (hand-crafted per-channel intensity and texture features + a
 scikit-learn random forest classifier and regressor) on the same frames, so users see what deep learning
 buys. Writes into the folder it prints last: `comparison.csv` (one row per mode and seed, every metric),
 `comparison.md` (mean ± std per mode, best marked, paired tests across seeds) and `comparison.png`.
@@ -27,6 +29,7 @@ from cellmtl.fileio import write_csv, write_text
 from cellmtl.metrics import LOWER_IS_BETTER, SLOPE_METRICS
 
 MODES = ("multitask", "classification", "regression")
+STRATEGIES = ("scratch", "finetune", "probe", "lp_ft")  # scratch: finetune from random weights
 CLASSICAL = "classical"
 # The columns of comparison.md (validation, at each run's best epoch); comparison.csv has every metric.
 TABLE_METRICS = ("cls_auc", "cls_acc", "cls_f1", "reg_mae", "reg_mae_infected", "reg_mae_uninfected")
@@ -55,6 +58,23 @@ def mode_config(cfg: Config, mode: str, seed: int, runs_dir: Path, splits: dict[
     return config_from_dict(raw, f"compare ({mode}, seed {seed})")
 
 
+def strategy_config(cfg: Config, strategy: str, seed: int, runs_dir: Path, splits: dict[str, str] | None) -> Config:
+    """`cfg` as a single run with `training.strategy` `strategy` (`scratch`: finetune with model.weights and
+    model.pretrained off) and `seed`; `splits` pins the stacks. Heads take the strategy's default size unless the
+    config sets one that fits it."""
+    raw = config_to_dict(cfg)
+    raw.update(seed=seed, output_dir=str(runs_dir), experiment_name=f"{strategy}_seed{seed}")
+    raw["training"]["strategy"] = "finetune" if strategy == "scratch" else strategy
+    if strategy == "scratch":
+        raw["model"].update(weights=None, pretrained=False)
+    if raw["training"]["strategy"] != cfg.training.strategy:
+        raw["model"]["head_hidden"] = None  # finetune's default MLP heads, probe/lp_ft's linear ones
+    if splits is not None:
+        for split in ("train", "val", "test"):
+            raw["data"][f"{split}_stacks"] = sorted(s for s, sp in splits.items() if sp == split)
+    return config_from_dict(raw, f"compare ({strategy}, seed {seed})")
+
+
 def read_splits(run: Path) -> dict[str, str]:
     with (run / "splits.csv").open() as fh:
         return {r["stack_id"]: r["split"] for r in csv.DictReader(fh)}
@@ -72,12 +92,20 @@ def result_row(mode: str, seed: int, run: Path | None, results: dict[str, Any]) 
     return row
 
 
-def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None) -> Path:
-    """Train every mode with seeds `cfg.seed .. cfg.seed + seeds - 1`; returns the comparison folder."""
+def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None,
+            strategies: Sequence[str] | None = None) -> Path:
+    """Train every mode (or every strategy of `strategies`, on the config's task) with seeds `cfg.seed ..
+    cfg.seed + seeds - 1`; returns the comparison folder."""
     from cellmtl.training import train
 
     if seeds < 1:
         raise BadInputError(f"--seeds must be at least 1, got {seeds}")
+    if strategies is not None:
+        unknown = [a for a in strategies if a not in STRATEGIES]
+        if unknown or not strategies or len(set(strategies)) != len(strategies):
+            raise BadInputError(f"--strategies {' '.join(strategies)}: give distinct names from "
+                                f"{', '.join(STRATEGIES)}")
+    arms = list(strategies) if strategies else list(MODES)
     folder = out_dir or Path(cfg.output_dir) / cfg.experiment_name / f"compare-{datetime.now():%Y%m%d-%H%M%S-%f}"
     folder.mkdir(parents=True, exist_ok=True)
     runs_dir = folder / "runs"
@@ -85,22 +113,22 @@ def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None) -> Path
     splits: dict[str, str] | None = None
     for k in range(seeds):
         seed = cfg.seed + k
-        mt_run: Path | None = None
-        for mode in MODES:
-            run = train(mode_config(cfg, mode, seed, runs_dir, splits))
+        first_run: Path | None = None
+        for arm in arms:
+            arm_cfg = (strategy_config if strategies else mode_config)(cfg, arm, seed, runs_dir, splits)
+            run = train(arm_cfg)
             used = read_splits(run)
             if splits is None:
                 splits = used
             elif used != splits:  # would make the comparison meaningless: never silently
                 raise TrainingError(f"compare: run {run} used a different split than the first run")
-            if mode == "multitask":
-                mt_run = run
-            rows.append(result_row(mode, seed, run, json.loads((run / "results.json").read_text())))
-            print(f"compare: {mode} seed {seed} done: {run}", file=sys.stderr)
-        assert mt_run is not None
-        rows.append(result_row(CLASSICAL, seed, None, classical_results(mt_run, seed)))
+            first_run = first_run or run
+            rows.append(result_row(arm, seed, run, json.loads((run / "results.json").read_text())))
+            print(f"compare: {arm} seed {seed} done: {run}", file=sys.stderr)
+        assert first_run is not None
+        rows.append(result_row(CLASSICAL, seed, None, classical_results(first_run, seed)))
     write_csv(rows, folder / "comparison.csv")  # columns in first-seen order; None and missing -> ""
-    write_text(folder / "comparison.md", markdown_summary(rows, splits or {}))
+    write_text(folder / "comparison.md", markdown_summary(rows, splits or {}, arms=arms))
     plot_comparison(rows, folder / "comparison.png")
     return folder
 
@@ -196,12 +224,25 @@ def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None
             "n": len(d)}
 
 
-def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str]) -> str:
-    modes = [m for m in (*MODES, CLASSICAL) if any(r["mode"] == m for r in rows)]
+def paired_pairs(arms: Sequence[str]) -> list[tuple[str, str, str]]:
+    """(metric, a, b) rows of the paired-test table: multitask against each single-task mode and the classical
+    baseline; for strategies, every strategy against the first one listed, and the first against classical."""
+    if list(arms) == list(MODES):
+        return [("cls_auc", "multitask", "classification"), ("cls_acc", "multitask", "classification"),
+                ("reg_mae", "multitask", "regression"), ("reg_mae_infected", "multitask", "regression"),
+                ("cls_auc", "multitask", CLASSICAL), ("reg_mae", "multitask", CLASSICAL)]
+    ref = arms[0]
+    out = [(m, a, ref) for a in arms[1:] for m in ("cls_auc", "reg_mae", "reg_mae_infected", "reg_mae_uninfected")]
+    return out + [("cls_auc", ref, CLASSICAL), ("reg_mae", ref, CLASSICAL)]
+
+
+def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str], arms: Sequence[str] = MODES) -> str:
+    modes = [m for m in (*arms, CLASSICAL) if any(r["mode"] == m for r in rows)]
     n_seeds = len({r["seed"] for r in rows})
     counts = {sp: sum(1 for v in splits.values() if v == sp) for sp in ("train", "val", "test")}
+    by_strategy = list(arms) != list(MODES)
     lines = [
-        "# Multi-task vs single-task comparison",
+        "# Training strategies compared" if by_strategy else "# Multi-task vs single-task comparison",
         "",
         f"{n_seeds} seed(s); one split for every run ({', '.join(f'{k} {v}' for k, v in counts.items())} stacks, "
         "identical in every run's splits.csv). Validation metrics at each run's best epoch; mean ± std over "
@@ -230,21 +271,22 @@ def markdown_summary(rows: Sequence[dict[str, Any]], splits: dict[str, str]) -> 
             cells.append(f"**{text}**" if best.get(metric) == m else text)
         label = "classical (features + random forests)" if m == CLASSICAL else m
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "## Paired tests across seeds (multitask minus single-task)", ""]
+    title = f"each strategy minus {arms[0]}" if by_strategy else "multitask minus single-task"
+    lines += ["", f"## Paired tests across seeds ({title})", ""]
     if n_seeds < 2:
         lines.append("One seed: no paired test (run with `--seeds 3` or more).")
     else:
-        lines += ["| metric | vs | mean difference | paired t p | multitask better / worse |",
-                  "| --- | --- | --- | --- | --- |"]
-        for metric, other in (("cls_auc", "classification"), ("cls_acc", "classification"),
-                              ("reg_mae", "regression"), ("reg_mae_infected", "regression"),
-                              ("cls_auc", CLASSICAL), ("reg_mae", CLASSICAL)):
-            t = paired_test(_values(rows, "multitask", metric), _values(rows, other, metric))
+        head = "| metric | strategy | vs | mean difference | paired t p | strategy better / worse |" if by_strategy \
+            else "| metric | vs | mean difference | paired t p | multitask better / worse |"
+        lines += [head, "| --- " * (head.count("|") - 1) + "|"]
+        for metric, a, other in paired_pairs(arms):
+            t = paired_test(_values(rows, a, metric), _values(rows, other, metric))
             if t is None:
                 continue
             better, worse = (t["b_wins"], t["a_wins"]) if metric in LOWER_IS_BETTER else (t["a_wins"], t["b_wins"])
             p = "n/a (no variation)" if t["p"] is None else f"{t['p']:.3g}"
-            lines.append(f"| {metric} | {other} | {t['mean_diff']:+.3f} | {p} | {better} / {worse} of {t['n']} |")
+            who = f"| {metric} | {a} | {other} |" if by_strategy else f"| {metric} | {other} |"
+            lines.append(f"{who} {t['mean_diff']:+.3f} | {p} | {better} / {worse} of {t['n']} |")
         lines += ["", "With few seeds a paired test has little power: p > 0.05 means *no evidence*, "
                   "not *no difference*."]
     return "\n".join(lines) + "\n"
@@ -257,7 +299,8 @@ def plot_comparison(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    modes = [m for m in (*MODES, CLASSICAL) if any(r["mode"] == m for r in rows)]
+    modes = list(dict.fromkeys(r["mode"] for r in rows if r["mode"] != CLASSICAL))
+    modes += [CLASSICAL] if any(r["mode"] == CLASSICAL for r in rows) else []
     fig = Figure(figsize=(10, 4), layout="constrained")
     for ax, metric, label in zip(fig.subplots(1, 2), ("cls_auc", "reg_mae"), ("val AUC (higher is better)",
                                                                             "val time MAE, h (lower is better)"),

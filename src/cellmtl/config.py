@@ -170,10 +170,26 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: str = "resnet18"
-    pretrained: bool = False
+    """The backbone and its heads. With few training wells, start from pretrained weights (`weights` or
+    `pretrained`) and `training.strategy: probe` (docs: "Few wells? Start from pretrained weights")."""
+
+    name: str = Field("resnet18", description="any torchvision classification model (resnet18, mobilenet_v2, "
+                      "efficientnet_b0, convnext_tiny, ...); timm models (timm:NAME) where timm is installed")
+    pretrained: bool = Field(False, description="start from the library's ImageNet weights (torch hub cache; "
+                             "downloaded once)")
+    weights: Path | None = Field(None, description="start from a local file: a state dict in torchvision or timm "
+                                 "names, or a cellmtl checkpoint (an earlier run's best.pt)")
+    input_norm: Literal["auto", "none", "imagenet"] = Field(
+        "auto", description="statistics applied inside the model after data.normalization: auto = those of the "
+        "starting weights (ImageNet mean/std for pretrained weights, none for a random init), imagenet, none")
+    temporal_fusion: Literal["auto", "channels", "features"] = Field(
+        "auto", description="with data.temporal_context_hours: channels = the frames stacked at the first "
+        "convolution; features = each frame through the backbone, features concatenated; auto = features for "
+        "pretrained weights, channels otherwise")
     dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    head_hidden: int = Field(256, ge=8)
+    head_hidden: int | None = Field(
+        None, ge=0, description="hidden units of each head; 0 = one Linear layer; null = 256 for "
+        "training.strategy finetune, 0 for probe and lp_ft (they fit linear heads)")
 
 
 class TaskConfig(_Strict):
@@ -209,6 +225,9 @@ class MultitaskConfig(_Strict):
 
 
 class TrainingConfig(_Strict):
+    strategy: Literal["finetune", "probe", "lp_ft"] = Field(
+        "finetune", description="finetune: train everything; probe: frozen backbone, linear heads fitted in closed "
+        "form on its features (seconds); lp_ft: probe, then fine-tune from it with optimizer.backbone_lr_scale")
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(32, ge=1)
     select_metric: str | None = Field(None, description="default cls_auc; reg_mae for task.mode regression")
@@ -238,6 +257,9 @@ class TrainingConfig(_Strict):
 class OptimizerConfig(_Strict):
     lr: float = Field(0.001, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
+    backbone_lr_scale: float | None = Field(
+        None, gt=0.0, le=1.0, description="the backbone learns at lr x this; null = 1 for finetune, 0.1 for lp_ft "
+        "(a small step keeps the probe's features: Kumar et al. 2022)")
 
 
 class Config(_Strict):
@@ -266,6 +288,16 @@ class Config(_Strict):
                 raise ValueError(f"multitask.weighting {m.weighting!r} needs task.mode multitask (two losses)")
             if m.time_head != "shared":
                 raise ValueError(f"multitask.time_head {m.time_head!r} needs task.mode multitask (a classifier)")
+        return self
+
+    @model_validator(mode="after")
+    def _strategy(self) -> Config:
+        strategy, hidden = self.training.strategy, self.model.head_hidden
+        if hidden is None:
+            self.model.head_hidden = 256 if strategy == "finetune" else 0
+        elif strategy != "finetune" and hidden != 0:
+            raise ValueError(f"training.strategy {strategy} fits linear heads: model.head_hidden must be 0 or null, "
+                             f"got {hidden}")
         return self
 
     @model_validator(mode="after")
@@ -375,7 +407,10 @@ def resolve_paths(cfg: Config, config_dir: Path | None) -> Config:
         value = getattr(data, key)
         if value is not None:
             updates[key] = resolve_path(value, config_dir)
-    return cfg.model_copy(update={"data": data.model_copy(update=updates)})
+    model = cfg.model
+    if model.weights is not None:
+        model = model.model_copy(update={"weights": resolve_path(model.weights, config_dir)})
+    return cfg.model_copy(update={"data": data.model_copy(update=updates), "model": model})
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
 from cellmtl.data.manifest import StackRecord
 from cellmtl.losses import MultiTaskLoss
 from cellmtl.metrics import compute_metrics, interval_coverage
-from cellmtl.models import MultiTaskResNet
+from cellmtl.models import MultiTaskNet
 from cellmtl.runtime import autocast_ctx
 
 
@@ -45,7 +45,7 @@ class Predictions:
 
 @torch.no_grad()
 def run_model(
-    model: MultiTaskResNet,
+    model: MultiTaskNet,
     loader: DataLoader,
     device: torch.device,
     *,
@@ -153,7 +153,7 @@ def read_prediction_rows(path: Path) -> list[dict]:
 
 
 def score(
-    model: MultiTaskResNet, loss_fn: MultiTaskLoss, index: SampleIndex, preds: Predictions
+    model: MultiTaskNet, loss_fn: MultiTaskLoss, index: SampleIndex, preds: Predictions
 ) -> dict[str, float | None]:
     """SPEC section 5's metrics and losses for a split, from collected predictions (hours)."""
     has_time = np.isfinite(index.time_target)

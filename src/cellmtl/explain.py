@@ -22,19 +22,19 @@ from torch import nn
 
 from cellmtl.errors import BadInputError
 from cellmtl.fileio import write_text
-from cellmtl.models import MultiTaskResNet
+from cellmtl.models import MultiTaskNet
 from cellmtl.reports.images import composite
 
 
-def target_layer(model: MultiTaskResNet) -> nn.Module:
-    """The last shared block: `backbone.layer4` of the torchvision ResNets in `models.RESNETS`."""
-    layer = getattr(model.backbone, "layer4", None)
-    if not isinstance(layer, nn.Module):
-        raise BadInputError(f"explain: model {model.spec.name!r} has no backbone.layer4 to explain")
-    return layer
+def target_layer(model: MultiTaskNet) -> nn.Module:
+    """The last shared block with spatial maps (`backbone.layer4` of ResNets; `MultiTaskNet.feature_layer`)."""
+    try:
+        return model.feature_layer()
+    except BadInputError as exc:
+        raise BadInputError(f"explain: model {model.spec.name!r}: {exc}") from None
 
 
-def grad_cam(model: MultiTaskResNet, x: torch.Tensor, head: str, sign: torch.Tensor | None = None) -> torch.Tensor:
+def grad_cam(model: MultiTaskNet, x: torch.Tensor, head: str, sign: torch.Tensor | None = None) -> torch.Tensor:
     """x `[B, C, H, W]` float32 -> heat maps `[B, H, W]` float32 in [0, 1] for output `head` ("infected"
     logit or "time"), each map scaled by its own maximum (all zeros when nothing supports the output).
     `sign` `[B]` (+1/-1) flips the output per sample, e.g. to explain the evidence for "uninfected"."""

@@ -1,9 +1,10 @@
 """`cellmtl export`: hand a trained model to other tools.
 
 ONNX: input `image` float32 `[N, C, H, W]`, already normalised as the checkpoint's `normalizer` says
-(per-channel percentiles); outputs `prob_infected` `[N]` and `time_hours` `[N]` (hours since onset for
-infected, since experiment start for uninfected). The normalisation and channel list are written into
-the model's metadata (`cellmtl.*` keys) so a consumer can reproduce the preprocessing.
+(per-channel percentiles; a pretrained backbone's ImageNet mean/std are applied inside the graph); outputs
+`prob_infected` `[N]` and `time_hours` `[N]` (hours since onset for infected, since experiment start for
+uninfected). The normalisation and channel list are written into the model's metadata (`cellmtl.*` keys) so a
+consumer can reproduce the preprocessing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
 from cellmtl.errors import BadInputError
-from cellmtl.models import MultiTaskResNet
+from cellmtl.models import MultiTaskNet
 
 OPSET = 18
 
@@ -24,7 +25,7 @@ OPSET = 18
 class ExportWrapper(nn.Module):
     """Plain tensors out (no dict): probability and hours, the quantities users read."""
 
-    def __init__(self, model: MultiTaskResNet) -> None:
+    def __init__(self, model: MultiTaskNet) -> None:
         super().__init__()
         self.model = model.eval()
 
@@ -78,6 +79,10 @@ def add_metadata(path: Path, ckpt: dict) -> None:
         "cellmtl.time_head": ckpt["model_spec"].get("time_head", "shared"),
         # input channels = these frames (hour offsets, oldest first) x the channels above; null = one frame
         "cellmtl.temporal_context_hours": json.dumps(ckpt.get("temporal_context_hours")),
+        # already inside the graph (a pretrained stem's statistics after the normaliser); for the record only
+        "cellmtl.backbone": ckpt["model_spec"]["name"],
+        "cellmtl.input_mean": json.dumps(ckpt["model_spec"].get("input_mean")),
+        "cellmtl.input_std": json.dumps(ckpt["model_spec"].get("input_std")),
     }
     for k, v in meta.items():
         entry = proto.metadata_props.add()

@@ -1,76 +1,109 @@
 """Shared-backbone multi-task networks.
 
-`MultiTaskResNet` = a torchvision ResNet trunk (first conv adapted to C input channels) + a
-classification head (one logit) + a time head (one value on the scaled time axis). `forward` returns a
-dict keyed by task; losses live in `cellmtl.losses`.
+`MultiTaskNet` = a feature trunk from `cellmtl.backbones` (any torchvision classification model, or timm's; first
+conv adapted to C input channels) + a classification head (one logit) + a time head (one value on the scaled time
+axis). `forward` returns a dict keyed by task; losses live in `cellmtl.losses`.
 """
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torchvision import models as tvm
 
+from cellmtl.backbones import (
+    Trunk,
+    WeightsFile,
+    adapt_conv_weight,
+    adapt_stem,
+    channel_statistics,
+    create_trunk,
+    feature_layer,
+    load_trunk_weights,
+    pretrained_state_dict,
+    pretrained_statistics,
+    read_weights_file,
+    resolve_name,
+    stem_name,
+    timm_trunk,
+)
 from cellmtl.config import Config
 from cellmtl.errors import BadInputError
 
+__all__ = ["ModelSpec", "MultiTaskNet", "adapt_conv_weight", "build_model", "spec_from_config"]
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
            "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+TIME_HEADS = ("shared", "per_class", "conditioned")
+FUSIONS = ("channels", "features")
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Everything needed to rebuild the network from a checkpoint (primitives only)."""
+    """Everything needed to rebuild the network from a checkpoint (primitives only; the defaults of the later
+    fields keep older checkpoints loading).
+
+    `in_chans`: input channels, the temporal context's frames times the image channels. `context_frames` and
+    `temporal_fusion` say how the network reads them: `channels`, all at the first convolution; `features`, each
+    frame through the backbone on its own, the pooled features concatenated for the heads (what an ImageNet stem,
+    which expects one image, reads best). `input_mean` / `input_std`: per stem channel, applied inside `forward`
+    after cellmtl's own [0, 1]-style normalisation (a pretrained stem's ImageNet statistics); None = none."""
 
     name: str
     in_chans: int
     mode: str  # multitask | classification | regression
     dropout: float = 0.2
-    head_hidden: int = 256
-    time_head: str = "shared"  # shared | per_class | conditioned (defaults keep older checkpoints loading)
+    head_hidden: int = 256  # 0: each head is one Linear layer
+    time_head: str = "shared"  # shared | per_class | conditioned
     time_nll: bool = False  # gaussian_nll: the time head also predicts a log-variance
+    context_frames: int = 1
+    temporal_fusion: str = "channels"
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for key in ("input_mean", "input_std"):
+            d[key] = None if d[key] is None else list(d[key])
+        return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        d = dict(d)
+        for key in ("input_mean", "input_std"):
+            if d.get(key) is not None:
+                d[key] = tuple(float(v) for v in d[key])
+        return cls(**d)
 
-def adapt_conv_weight(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """RGB conv weight `[O, 3, k, k]` -> `[O, in_chans, k, k]`, as timm's `adapt_input_conv`: sum for one
-    channel; otherwise repeat the RGB filters and rescale by 3/C so activations keep their magnitude."""
-    if in_chans == 1:
-        return weight.sum(dim=1, keepdim=True)
-    reps = math.ceil(in_chans / 3)
-    return weight.repeat(1, reps, 1, 1)[:, :in_chans] * (3.0 / in_chans)
-
-
-def pretrained_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """torchvision's ImageNet weights, from the torch hub cache, downloaded there once if missing."""
-    weights = tvm.get_model_weights(name).DEFAULT
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as exc:  # noqa: BLE001 - any download/IO failure gets the same actionable message
-        raise BadInputError(
-            f"model.pretrained: could not load ImageNet weights for {name} ({exc.__class__.__name__}); "
-            f"offline, download {weights.url} and put it at {cached}, or set model.pretrained: false"
-        ) from None
+    @property
+    def stem_chans(self) -> int:
+        """Channels the first convolution sees: one frame's under `features` fusion, all of them otherwise."""
+        return self.in_chans // self.context_frames if self.temporal_fusion == "features" else self.in_chans
 
 
 def make_head(in_features: int, hidden: int, dropout: float, out_features: int = 1) -> nn.Sequential:
+    """`hidden` 0: Dropout -> Linear (a linear head, what `training.strategy` probe and lp_ft fit in closed form);
+    otherwise Linear -> ReLU -> Dropout -> Linear."""
+    if hidden == 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_features, out_features))
     return nn.Sequential(
         nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(hidden, out_features)
     )
 
 
-TIME_HEADS = ("shared", "per_class", "conditioned")
+def _check_spec(spec: ModelSpec) -> None:
+    if spec.time_head not in TIME_HEADS:
+        raise BadInputError(f"multitask.time_head {spec.time_head!r}: choose one of {', '.join(TIME_HEADS)}")
+    if spec.time_head != "shared" and spec.mode != "multitask":
+        raise BadInputError(f"multitask.time_head {spec.time_head!r} needs task.mode multitask")
+    if spec.temporal_fusion not in FUSIONS or spec.in_chans % spec.context_frames:
+        raise BadInputError(f"model spec: temporal_fusion {spec.temporal_fusion!r} with {spec.in_chans} channels "
+                            f"of {spec.context_frames} frames does not fit")
 
 
-class MultiTaskResNet(nn.Module):
+class MultiTaskNet(nn.Module):
     """`forward(x [B, C, H, W] float32)` -> `{"infected": logit [B], "time": scaled time [B]}` (only the
     heads of the task mode). `time_hours` maps the scaled output back to hours with buffers stored in the
     state dict, so a checkpoint alone gives hours.
@@ -80,30 +113,30 @@ class MultiTaskResNet(nn.Module):
     so inference needs no label; `conditioned`, the head also sees the classification logit, detached so
     the time loss cannot bend the classifier towards what helps regression. With `spec.time_nll` the head
     also gives `time_logvar` [B] (log-variance on the scaled axis; `time_logvar_per_class` for per_class).
+
+    `weights`: the backbone's starting weights in the library's names (a state dict; a 3-channel stem is adapted
+    to the spec's channels), with `source` naming them in errors; `pretrained`: the library's ImageNet weights.
     """
 
-    def __init__(self, spec: ModelSpec, *, pretrained: bool = False) -> None:
+    def __init__(self, spec: ModelSpec, *, pretrained: bool = False, weights: dict[str, torch.Tensor] | None = None,
+                 source: str = "") -> None:
         super().__init__()
-        if spec.name not in RESNETS:
-            raise BadInputError(f"model.name {spec.name!r} is not supported; choose one of {', '.join(RESNETS)}")
+        _check_spec(spec)
         self.spec = spec
-        trunk = tvm.get_model(spec.name, weights=None)
-        if pretrained:
-            trunk.load_state_dict(pretrained_state_dict(spec.name))
-        old = trunk.conv1
-        conv = nn.Conv2d(spec.in_chans, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
-        if pretrained:
-            with torch.no_grad():
-                conv.weight.copy_(adapt_conv_weight(old.weight, spec.in_chans))
-        trunk.conv1 = conv
-        n_features = trunk.fc.in_features
-        trunk.fc = nn.Identity()
-        self.backbone = trunk
+        family, lib_name = resolve_name(spec.name)
+        trunk = timm_trunk(lib_name, pretrained=pretrained) if family == "timm" else create_trunk(spec.name)
+        if pretrained and family == "torchvision":
+            weights, source = pretrained_state_dict(lib_name), f"torchvision ImageNet weights of {lib_name}"
+        elif pretrained:
+            weights, source = trunk.module.state_dict(), f"timm ImageNet weights of {lib_name}"
+        self.family = trunk.family
+        adapt_stem(trunk.module, spec.stem_chans)
+        if weights is not None:
+            load_trunk_weights(trunk, weights, source)
+        self.backbone = trunk.module
+        n_features = trunk.n_features * (spec.context_frames if spec.temporal_fusion == "features" else 1)
+        self.n_features = n_features
         self.cls_head = make_head(n_features, spec.head_hidden, spec.dropout) if spec.mode != "regression" else None
-        if spec.time_head not in TIME_HEADS:
-            raise BadInputError(f"multitask.time_head {spec.time_head!r}: choose one of {', '.join(TIME_HEADS)}")
-        if spec.time_head != "shared" and spec.mode != "multitask":
-            raise BadInputError(f"multitask.time_head {spec.time_head!r} needs task.mode multitask")
         n_time = (2 if spec.time_head == "per_class" else 1) * (2 if spec.time_nll else 1)
         n_in = n_features + (1 if spec.time_head == "conditioned" else 0)
         self.time_head = (
@@ -111,6 +144,14 @@ class MultiTaskResNet(nn.Module):
         )
         self.register_buffer("time_shift", torch.zeros(()))
         self.register_buffer("time_scale", torch.ones(()))
+        # Not persistent: the spec is their one home, so checkpoints from before them load unchanged.
+        mean, std = spec.input_mean, spec.input_std
+        if (mean is None) != (std is None) or (mean is not None and not len(mean) == len(std) == spec.stem_chans):
+            raise BadInputError(f"model spec: input_mean/input_std need {spec.stem_chans} values each")
+        self.register_buffer("input_mean", None if mean is None else torch.tensor(mean).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("input_std", None if std is None else torch.tensor(std).view(1, -1, 1, 1),
+                             persistent=False)
 
     def set_time_scaling(self, shift: float, scale: float) -> None:
         self.time_shift.fill_(shift)
@@ -122,8 +163,33 @@ class MultiTaskResNet(nn.Module):
     def scale_time(self, hours: torch.Tensor) -> torch.Tensor:
         return (hours - self.time_shift) / self.time_scale
 
+    def feature_layer(self) -> nn.Module:
+        """The last backbone block with spatial maps (Grad-CAM's layer; `backbone.layer4` for ResNets)."""
+        if self.spec.temporal_fusion == "features" and self.spec.context_frames > 1:
+            raise BadInputError("explain: a model with temporal_fusion features runs its backbone once per context "
+                                "frame; Grad-CAM supports channels fusion only")
+        return feature_layer(self.backbone, self.family)
+
+    def frame_features(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, stem_chans, H, W]` (one frame; under `channels` fusion all frames stacked) -> the backbone's pooled
+        features `[B, F]`, after the input statistics of a pretrained stem."""
+        if self.input_mean is not None:
+            x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+        return self.backbone(x)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, in_chans, H, W]` -> pooled features `[B, n_features]` (what both heads read)."""
+        if self.spec.temporal_fusion == "features" and self.spec.context_frames > 1:
+            # [B, K*C, H, W] -> [B*K, C, H, W]: each frame through the backbone, features concatenated oldest first
+            frames = x.reshape(-1, self.spec.stem_chans, x.shape[-2], x.shape[-1])
+            return self.frame_features(frames).reshape(-1, self.n_features)
+        return self.frame_features(x)
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone(x)
+        return self.heads(self.features(x))
+
+    def heads(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both heads on pooled features `[B, n_features]` (the probe strategy evaluates them on cached ones)."""
         out: dict[str, torch.Tensor] = {}
         if self.cls_head is not None:
             out["infected"] = self.cls_head(feats).squeeze(-1)
@@ -153,13 +219,105 @@ class MultiTaskResNet(nn.Module):
         return out
 
 
-def spec_from_config(cfg: Config, n_channels: int) -> ModelSpec:
-    """The network a config asks for, on `n_channels` image channels (times the temporal context frames)."""
+
+
+@dataclass
+class StartingWeights:
+    """Where a new run's backbone starts: a state dict in the library's names, or (`checkpoint` set: that
+    checkpoint's model_spec) a whole cellmtl network. `source` names it in messages; `mean`/`std` are the input
+    statistics its training used (RGB for library weights, per stem channel for a cellmtl checkpoint; None: none)."""
+
+    source: str
+    state: dict[str, torch.Tensor]
+    checkpoint: dict[str, Any] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def starting_weights(cfg: Config) -> StartingWeights | None:
+    """`model.weights` (a local file) or `model.pretrained` (the library's ImageNet weights); None = random init."""
     m = cfg.model
-    in_chans = n_channels * len(cfg.data.temporal_context_hours or [0])
+    if m.weights is not None:
+        f: WeightsFile = read_weights_file(m.weights)
+        if f.spec is not None:
+            mean, std = f.spec.get("input_mean"), f.spec.get("input_std")
+            return StartingWeights(str(f.path), f.state, f.spec, mean and tuple(mean), std and tuple(std))
+        return StartingWeights(str(f.path), f.state, None, *pretrained_statistics(m.name))
+    if m.pretrained:
+        family, lib_name = resolve_name(m.name)
+        if family == "timm":
+            trunk = timm_trunk(lib_name, pretrained=True)
+            return StartingWeights(f"timm ImageNet weights of {lib_name}", trunk.module.state_dict(), None,
+                                   trunk.mean, trunk.std)
+        return StartingWeights(f"torchvision ImageNet weights of {lib_name}", pretrained_state_dict(lib_name), None,
+                               *pretrained_statistics(m.name))
+    return None
+
+
+def input_statistics(cfg: Config, start: StartingWeights | None, stem: int) -> tuple[tuple[float, ...] | None, ...]:
+    """(mean, std) per stem channel that `forward` applies, by `model.input_norm`: `auto` = those the starting
+    weights were trained with (none for a random init or a cellmtl checkpoint trained without), `imagenet` = the
+    backbone's pretraining statistics, `none`."""
+    mode = cfg.model.input_norm
+    if mode == "none" or (mode == "auto" and start is None):
+        return None, None
+    if mode == "auto" and start is not None and start.checkpoint is not None:
+        return start.mean, start.std
+    mean, std = (start.mean, start.std) if mode == "auto" and start is not None else pretrained_statistics(
+        cfg.model.name)
+    return channel_statistics(mean, stem), channel_statistics(std, stem)
+
+
+def spec_from_config(cfg: Config, n_channels: int, start: StartingWeights | None = None) -> ModelSpec:
+    """The network a config asks for, on `n_channels` image channels (times the temporal context frames).
+    `start`: the weights it will start from, which decide `model.input_norm` and `model.temporal_fusion` `auto`
+    (a cellmtl checkpoint's own; else `features` fusion for pretrained weights, whose stem expects one image)."""
+    m = cfg.model
+    frames = len(cfg.data.temporal_context_hours or [0])
     nll = cfg.multitask.regression_loss == "gaussian_nll"
-    return ModelSpec(m.name, in_chans, cfg.task.mode, m.dropout, m.head_hidden, cfg.multitask.time_head, nll)
+    fusion = m.temporal_fusion
+    if fusion == "auto":
+        if start is not None and start.checkpoint is not None:
+            fusion = str(start.checkpoint.get("temporal_fusion", "channels"))
+        else:
+            fusion = "features" if start is not None else "channels"
+    if frames == 1:
+        fusion = "channels"  # one frame: the two are the same network
+    stem = n_channels if fusion == "features" else n_channels * frames
+    mean, std = input_statistics(cfg, start, stem)
+    assert m.head_hidden is not None  # resolved by Config
+    return ModelSpec(m.name, n_channels * frames, cfg.task.mode, m.dropout, m.head_hidden, cfg.multitask.time_head,
+                     nll, frames, fusion, mean, std)
 
 
-def build_model(spec: ModelSpec, *, pretrained: bool = False) -> MultiTaskResNet:
-    return MultiTaskResNet(spec, pretrained=pretrained)
+def build_model(spec: ModelSpec, *, pretrained: bool = False, start: StartingWeights | None = None) -> MultiTaskNet:
+    """The network of `spec`; its backbone (and, from a cellmtl checkpoint, its heads where they fit) start from
+    `start`, or from the library's ImageNet weights with `pretrained`."""
+    if start is None:
+        return MultiTaskNet(spec, pretrained=pretrained)
+    if start.checkpoint is None:
+        return MultiTaskNet(spec, weights=start.state, source=start.source)
+    return from_checkpoint_weights(spec, start)
+
+
+def from_checkpoint_weights(spec: ModelSpec, start: StartingWeights) -> MultiTaskNet:
+    """A new network whose backbone is the cellmtl checkpoint's (same backbone, channels and fusion, or exit 2
+    naming the file and what differs), with the checkpoint's heads where their shapes fit (the new run sets its own
+    time scaling)."""
+    assert start.checkpoint is not None
+    old = ModelSpec.from_dict(start.checkpoint)
+    for key in ("name", "in_chans", "temporal_fusion", "context_frames"):
+        if getattr(spec, key) != getattr(old, key):
+            raise BadInputError(f"model.weights {start.source}: the checkpoint's {key} is {getattr(old, key)!r}, "
+                                f"this run's is {getattr(spec, key)!r}")
+    model = MultiTaskNet(spec)
+    backbone = {k.removeprefix("backbone."): v for k, v in start.state.items() if k.startswith("backbone.")}
+    load_trunk_weights(Trunk(model.backbone, 0, "", model.family), backbone, start.source)
+    own = model.state_dict()
+    heads = {k: v for k, v in start.state.items() if not k.startswith("backbone.") and k in own
+             and k not in ("time_shift", "time_scale") and tuple(v.shape) == tuple(own[k].shape)}
+    model.load_state_dict(heads, strict=False)
+    return model
+
+
+__all__ += ["RESNETS", "StartingWeights", "starting_weights", "stem_name"]

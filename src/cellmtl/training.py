@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cellmtl import distributed
+from cellmtl import distributed, probe
 from cellmtl.checkpoints import atomic_save, load_checkpoint, resolve_checkpoint
 from cellmtl.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
 from cellmtl.data.dataset import (
@@ -47,7 +47,7 @@ from cellmtl.metrics import (
     format_metrics,
     metric_direction,
 )
-from cellmtl.models import MultiTaskResNet, build_model, spec_from_config
+from cellmtl.models import ModelSpec, MultiTaskNet, build_model, spec_from_config, starting_weights
 from cellmtl.reports.html import write_report
 from cellmtl.reports.plots import write_run_plots
 from cellmtl.runtime import autocast_ctx, autocast_for, cpu_threads, make_loader, pick_device
@@ -110,7 +110,7 @@ class Setup:
     val_ds: TimeCourseDataset
     test_ds: TimeCourseDataset | None
     normalizer: Normalizer
-    model: MultiTaskResNet
+    model: MultiTaskNet
     loss_fn: MultiTaskLoss
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -124,6 +124,7 @@ class Setup:
     wall_time_s: float = 0.0
     ctx: distributed.DistContext = distributed.SINGLE
     train_model: torch.nn.Module | None = None  # the DDP wrapper under torchrun; `model` stays unwrapped
+    probe: dict[str, Any] | None = None  # lp_ft: the probe stage's chosen strengths and val metrics
 
 
 def time_scaling(index: SampleIndex, fixed_scale: float | None) -> tuple[float, float]:
@@ -233,15 +234,18 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     if ckpt is None:  # under DDP rank 0 creates the folder, the others learn its name
         run_dir = distributed.broadcast(new_run_dir(cfg) if ctx.is_main else None, ctx)
     logger = make_logger(run_dir, main=ctx.is_main)
-    spec = spec_from_config(cfg, len(exp.channels))
-    model = build_model(spec, pretrained=cfg.model.pretrained and ckpt is None)
+    if ckpt is None:
+        start = starting_weights(cfg)
+        model = build_model(spec_from_config(cfg, len(exp.channels), start), start=start)
+    else:  # resume: the run's own network; its weights come from last.pt
+        model = MultiTaskNet(ModelSpec.from_dict(ckpt["model_spec"]))
     shift, scale = time_scaling(train_index, cfg.multitask.time_scale_hours)
     model.set_time_scaling(shift, scale)
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     amp_dtype, needs_scaler = autocast_for(device, cfg.training.amp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay)
+    optimizer = make_optimizer(cfg, model)
     weighting = weighting_from_config(cfg, device, functools.partial(distributed.mean_over_ranks, ctx=ctx))
     if weighting.parameters():  # uncertainty's log-variances learn with the model, without weight decay
         optimizer.add_param_group({"params": weighting.parameters(), "weight_decay": 0.0})
@@ -269,6 +273,26 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         logger.info("data.cache: memory holds %d frames in %.0f MiB", len(train_ds) + len(val_ds)
                     + (len(test_ds) if test_ds is not None else 0), mib)
     return s
+
+
+def backbone_lr_scale(cfg: Config) -> float:
+    """`optimizer.backbone_lr_scale`, resolved: 1 for finetune, 0.1 for lp_ft (whose heads start fitted, so a small
+    step keeps the pretrained features from being distorted before the heads agree with them)."""
+    scale = cfg.optimizer.backbone_lr_scale
+    return scale if scale is not None else (0.1 if cfg.training.strategy == "lp_ft" else 1.0)
+
+
+def make_optimizer(cfg: Config, model: MultiTaskNet) -> torch.optim.Optimizer:
+    """AdamW over the model; with a backbone_lr_scale other than 1, two groups (`backbone` at lr x the scale, then
+    `heads`), else one, as before the option existed (so older runs resume). The schedule scales every group."""
+    lr, wd, scale = cfg.optimizer.lr, cfg.optimizer.weight_decay, backbone_lr_scale(cfg)
+    if scale == 1.0:
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+    backbone = list(model.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    heads = [p for p in model.parameters() if id(p) not in ids]
+    return torch.optim.AdamW([{"params": backbone, "lr": lr * scale, "name": "backbone"},
+                              {"params": heads, "lr": lr, "name": "heads"}], lr=lr, weight_decay=wd)
 
 
 def restore(s: Setup, ckpt: dict[str, Any]) -> None:
@@ -439,7 +463,7 @@ TIE_TOL = 1e-4
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: MultiTaskResNet, loader, device: torch.device, max_samples: int,
+def recalibrate_batchnorm(model: MultiTaskNet, loader, device: torch.device, max_samples: int,
                           amp_dtype: torch.dtype | None = None) -> None:
     """Re-estimate BatchNorm running statistics of the backbone on training frames with the current
     weights ("precise BN"). With a few hundred frames an epoch, the running averages lag far behind fast-
@@ -458,7 +482,7 @@ def recalibrate_batchnorm(model: MultiTaskResNet, loader, device: torch.device, 
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast_ctx(device, amp_dtype):
-            model.backbone(x)
+            model.features(x)
         seen += x.shape[0]
         if seen >= max_samples:
             break
@@ -526,7 +550,7 @@ def fit(s: Setup) -> dict[str, Any]:
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         distributed.seed_rank(cfg.seed, epoch, s.ctx)
-        lr = s.optimizer.param_groups[0]["lr"]
+        lr = next(g["lr"] for g in s.optimizer.param_groups if g.get("name") != "backbone")  # the heads' lr
         weights = s.weighting.weights()  # the weights this epoch trained with (gradnorm: at its start)
         train = train_one_epoch(s, train_loader, epoch)
         s.weighting.end_epoch(train["train_cls_loss"], train["train_reg_loss"])
@@ -620,7 +644,7 @@ def selection_hint(history: list[dict[str, Any]], best_epoch: int, select_metric
             "(training.select_metric) or use last.pt")
 
 
-def time_head_note(val: dict[str, Any]) -> str | None:
+def time_head_note(val: dict[str, Any], pretrained: bool = False) -> str | None:
     """A note when, at best.pt, the predicted time hardly changes inside the val stacks of a class: the
     time head then gives each new well about one value (its MAE can still look moderate), and `predict`'s
     onset estimates for such wells mean little. Measured on a hold-out experiment with 8 training wells
@@ -630,9 +654,12 @@ def time_head_note(val: dict[str, Any]) -> str | None:
     if not flat:
         return None
     what = " and ".join(f"{c} stacks (slope {v:.2f})" for c, v in flat)
+    remedy = ("more training wells help (docs: Quality on unseen data)" if pretrained else
+              "more training wells help, and so do pretrained weights: model.name mobilenet_v2 with model.weights "
+              "(or model.pretrained) and training.strategy probe (docs: Few wells? Start from pretrained weights)")
     return (f"note: inside the val {what} the predicted time hardly follows the clock (1 = it does): the "
             "time head gives each new well about one value, so do not read time or est_onset_hour from it for "
-            "such wells; more training wells help (docs: Quality on unseen data)")
+            f"such wells; {remedy}")
 
 
 def finish(s: Setup) -> dict[str, Any]:
@@ -649,7 +676,8 @@ def finish(s: Setup) -> dict[str, Any]:
     except ValueError as exc:  # e.g. non-finite predictions: keep the run, say why plots are missing
         s.logger.warning("plots not written: %s", exc)
     hint = selection_hint(s.history, s.best_epoch, s.cfg.training.select_metric)
-    time_note = time_head_note(val)
+    time_note = time_head_note(val, pretrained=s.model.spec.input_mean is not None or s.cfg.model.pretrained
+                               or s.cfg.model.weights is not None)
     results: dict[str, Any] = {
         "run_dir": str(s.run_dir),
         "select_metric": s.cfg.training.select_metric,
@@ -660,7 +688,10 @@ def finish(s: Setup) -> dict[str, Any]:
         "final": val_metrics(s.history[-1]),
         "history_length": len(s.history),
         "wall_time_s": round(s.wall_time_s, 2),
+        "strategy": s.cfg.training.strategy,
     }
+    if s.probe is not None:  # lp_ft: the linear probe it started from (probe: that is `best` itself)
+        results["probe"] = s.probe
     if s.test_ds is not None:
         test, test_preds = validate(s, s.test_ds)
         results["test"] = test
@@ -674,11 +705,68 @@ def finish(s: Setup) -> dict[str, Any]:
     return results
 
 
+def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
+    """Fit the linear heads on the frozen backbone's features of the training frames (once each, no augmentation;
+    cellmtl.probe); returns (training losses as `train_*_loss`, val metrics, the chosen strengths)."""
+    cfg = s.cfg
+    loader = functools.partial(make_loader, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers,
+                               device=s.device)
+    feats = probe.dataset_features(s.model, s.calib_ds, loader, s.device)
+    try:
+        chosen = probe.fit_heads(s.model, feats, s.calib_ds.index, balanced=cfg.data.balance != "none")
+    except ValueError as exc:
+        raise BadInputError(f"training.strategy {cfg.training.strategy}: {exc}") from None
+    index = s.calib_ds.index
+    with torch.no_grad():
+        out = s.model.heads(torch.from_numpy(feats).to(s.device))
+        hours = torch.from_numpy(np.nan_to_num(index.time_target)).to(s.device)
+        losses = s.loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)).to(s.device),
+                           s.model.scale_time(hours), torch.from_numpy(np.isfinite(index.time_target)).to(s.device))
+    train = {f"train_{k}_loss": float(losses[k]) for k in ("total", "cls", "reg")}
+    val, _ = validate(s, s.val_ds)
+    s.logger.info("probe: linear heads fitted on %d frozen-feature frames (%s); val: %s", len(feats),
+                  ", ".join(f"{k} {v:g}" for k, v in chosen.items()),
+                  format_metrics(val, [k for k in VAL_LOG_KEYS if k in val]).replace(": ", ":"))
+    return train, val, chosen
+
+
+def fit_probe(s: Setup) -> dict[str, Any]:
+    """`training.strategy: probe`: one 'epoch' that fits the heads; best.pt and last.pt are that model."""
+    if s.start_epoch == 0:
+        t0 = time.perf_counter()
+        train, val, _ = probe_heads(s)
+        s.wall_time_s += time.perf_counter() - t0
+        s.history.append({"epoch": 1, "lr": 0.0, **train, **{f"val_{k}": v for k, v in val.items()},
+                          "epoch_time_s": round(time.perf_counter() - t0, 3), "rss_mib": rss_mib()})
+        s.best_epoch = 1
+        check_finite_weights(s, 1)
+        if s.ctx.is_main:
+            ckpt = checkpoint_dict(s, 1)
+            atomic_save(ckpt, s.run_dir / "checkpoints" / "best.pt")
+            atomic_save(ckpt, s.run_dir / "checkpoints" / "last.pt")
+            write_metrics_csv(s.history, s.run_dir / "metrics.csv")
+    return finish(s)
+
+
+def fit_strategy(s: Setup) -> dict[str, Any]:
+    """`training.strategy`: finetune (the epoch loop), probe (`fit_probe`), lp_ft (the probe's heads, then the
+    epoch loop from them, the backbone at optimizer.backbone_lr_scale)."""
+    strategy = s.cfg.training.strategy
+    if strategy == "probe":
+        return fit_probe(s)
+    if strategy == "lp_ft" and s.start_epoch == 0:
+        t0 = time.perf_counter()
+        _, val, chosen = probe_heads(s)
+        s.wall_time_s += time.perf_counter() - t0
+        s.probe = {**chosen, "val": val}
+    return fit(s)
+
+
 def train(cfg: Config | None, *, resume: str | Path | None = None, overrides: list[str] | None = None) -> Path:
     """Train (or resume) a run; returns the run folder."""
     s = setup(cfg, resume=resume, overrides=overrides)
     try:
-        fit(s)
+        fit_strategy(s)
         write_report(s.run_dir)
     finally:
         close_logger(s.logger)

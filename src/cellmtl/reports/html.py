@@ -29,6 +29,8 @@ SUMMARY_KEYS = (
     "data.normalization.mode",
     "model.name",
     "model.pretrained",
+    "model.weights",
+    "training.strategy",
     "task.mode",
     "multitask.classification_weight",
     "multitask.regression_weight",

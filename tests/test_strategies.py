@@ -1,0 +1,195 @@
+"""training.strategy probe and lp_ft: closed-form heads on frozen features, saved as ordinary checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+from cellmtl.cli import main
+from cellmtl.data.dataset import SampleIndex
+from cellmtl.models import ModelSpec, MultiTaskNet
+from cellmtl.probe import Standardiser, fit_heads, stack_folds
+from tests.conftest import write_config
+
+
+def cli(capsys, *args: str) -> str:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out.strip().splitlines()[-1]
+
+
+def test_standardiser_folds_back_to_raw_features():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(50, 4))
+    std = Standardiser.fit(x)
+    coef, icpt = rng.normal(size=(2, 4)), rng.normal(size=2)
+    w, b = std.fold(coef, icpt)
+    np.testing.assert_allclose(x @ w.T + b, std(x) @ coef.T + icpt)
+
+
+def test_stack_folds_keep_stacks_whole_and_both_classes():
+    groups = np.repeat(np.arange(8), 5)
+    labels = (groups % 2).astype(int)
+    folds = stack_folds(groups, labels)
+    assert folds is not None and len(folds) == 4
+    for tr, te in folds:
+        assert not set(groups[tr]) & set(groups[te]) and set(labels[tr]) == {0, 1}
+    assert stack_folds(np.array([0, 0, 1, 1])) is None  # too few stacks: a fixed strength
+
+
+def test_fit_heads_recovers_a_linear_truth_per_class():
+    """Time = a different linear function of the features per class; the per_class head fits each exactly (up to
+    the ridge's shrinkage) and the classifier separates the classes."""
+    rng = np.random.default_rng(1)
+    n_stacks, per = 8, 12
+    stack = np.repeat(np.arange(n_stacks), per)
+    infected = (stack % 2).astype(np.int8)
+    feats = np.zeros((len(stack), 512), np.float32)  # resnet18's width; constant features carry nothing
+    feats[:, :6] = rng.normal(size=(len(stack), 6))
+    feats[:, 0] += 4.0 * infected  # the class is visible in feature 0
+    hours = np.where(infected == 1, 2.0 * feats[:, 1] + 5.0, -1.5 * feats[:, 2] + 10.0).astype(np.float32)
+    index = SampleIndex(stack.astype(np.int32), np.tile(np.arange(per), n_stacks).astype(np.int32),
+                        hours, infected, hours)
+    model = MultiTaskNet(ModelSpec("resnet18", 1, "multitask", head_hidden=0, time_head="per_class")).eval()
+    model.set_time_scaling(6.0, 3.0)
+    fit_heads(model, feats, index)
+    with torch.no_grad():
+        out = model.heads(torch.from_numpy(feats))
+    assert ((out["infected"] > 0).numpy() == (infected == 1)).all()
+    pred = model.time_hours(out["time"]).numpy()
+    assert np.abs(pred - hours).mean() < 0.3
+
+
+@pytest.mark.slow
+def test_probe_run_end_to_end(capsys, tiny_experiment, tmp_path, imagenet_weights):
+    """A probe run writes the usual run folder in a single 'epoch', and its best.pt works in evaluate, predict,
+    ONNX and bioimage.io export."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, model={"name": "mobilenet_v2", "head_hidden": None,
+                       "weights": str(imagenet_weights)}, training={"strategy": "probe"},
+                       multitask={"time_head": "per_class"})
+    run = Path(cli(capsys, "train", "--config", str(cfg)))
+    for name in ("checkpoints/best.pt", "checkpoints/last.pt", "metrics.csv", "results.json", "report.html",
+                 "predictions_val.csv"):
+        assert (run / name).is_file(), name
+    results = json.loads((run / "results.json").read_text())
+    assert results["best_epoch"] == 1 and results["history_length"] == 1 and results["strategy"] == "probe"
+    assert results["best"]["cls_auc"] is not None
+    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
+    spec = ckpt["model_spec"]
+    assert spec["head_hidden"] == 0 and spec["in_chans"] == 2 and len(spec["input_mean"]) == 2
+    # the probe's heads, not a random init: they reproduce its val predictions
+    with (run / "predictions_val.csv").open() as fh:
+        val_preds = list(csv.DictReader(fh))
+    assert len({round(float(r["prob_infected"]), 4) for r in val_preds}) > 2
+    log = (run / "train.log").read_text()
+    assert "probe: linear heads fitted on" in log and "ridge_alpha_infected" in log
+
+    cli(capsys, "evaluate", "--run", str(run))
+    assert (run / "evaluation_val.json").is_file()
+    pred = tmp_path / "pred.csv"
+    cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(tiny_experiment),
+        "--out", str(pred))
+    with pred.open() as fh:
+        rows = list(csv.DictReader(fh))
+    by_key = {(r["stack_id"], r["frame"]): float(r["prob_infected"]) for r in rows}
+    for r in val_preds:  # predict runs the same network as training's validation
+        assert by_key[(r["stack_id"], r["frame"])] == pytest.approx(float(r["prob_infected"]), abs=1e-4)
+    pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "m.onnx"
+    cli(capsys, "export", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--format", "onnx",
+        "--out", str(onnx_path))
+    import onnxruntime as ort
+
+    model = model_from_checkpoint(ckpt)
+    x = torch.rand(2, 2, 32, 32)
+    prob, _ = ort.InferenceSession(str(onnx_path)).run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(prob, torch.sigmoid(model(x)["infected"]).numpy(), atol=1e-4)
+    cli(capsys, "export", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--format", "bioimageio",
+        "--out", str(tmp_path / "pkg"))
+    assert (tmp_path / "pkg" / "rdf.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_lp_ft_starts_from_the_probe_and_fine_tunes(capsys, tiny_experiment, tmp_path):
+    """lp_ft with a temporal context read by `features` fusion: the probe stage, then the epoch loop."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, model={"head_hidden": None, "temporal_fusion":
+                       "features"}, training={"strategy": "lp_ft", "epochs": 2},
+                       data={"temporal_context_hours": [-2, 0]})
+    run = Path(cli(capsys, "train", "--config", str(cfg)))
+    results = json.loads((run / "results.json").read_text())
+    spec = load_checkpoint(run / "checkpoints" / "best.pt")["model_spec"]
+    assert (spec["temporal_fusion"], spec["context_frames"], spec["in_chans"]) == ("features", 2, 4)
+    assert results["history_length"] == 2 and results["strategy"] == "lp_ft"
+    assert "logistic_C" in results["probe"] and "cls_auc" in results["probe"]["val"]
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    groups = ckpt["optimizer"]["param_groups"]
+    assert [g["name"] for g in groups] == ["backbone", "heads"]
+    assert groups[0]["initial_lr"] == pytest.approx(0.1 * groups[1]["initial_lr"])  # backbone_lr_scale 0.1
+
+
+def test_probe_refuses_hidden_heads(tiny_experiment, tmp_path, capsys):
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, training={"strategy": "probe"})  # head_hidden 16
+    assert main(["train", "--config", str(cfg)]) == 2
+    assert "model.head_hidden must be 0 or null" in capsys.readouterr().err
+
+
+def test_probe_features_of_a_temporal_context_are_computed_once_per_frame(tiny_experiment, tmp_path):
+    """`features` fusion: the probe's per-frame cache gives exactly what the network computes on the stacked
+    context images (each frame through the backbone, features concatenated oldest first)."""
+    import functools
+
+    from cellmtl.config import load_config
+    from cellmtl.data.dataset import build_normalizer, load_experiment
+    from cellmtl.probe import context_plan, dataset_features
+    from cellmtl.runtime import make_loader
+    from cellmtl.training import datasets, split_indices
+
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_experiment, data={"temporal_context_hours": [-2, 0]},
+                                   model={"head_hidden": None, "temporal_fusion": "features"},
+                                   training={"strategy": "probe"}))
+    exp = load_experiment(cfg)
+    indices = split_indices(cfg, exp)
+    train_ds = datasets(cfg, exp, indices, build_normalizer(cfg, exp, indices["train"]))[0]
+    train_ds.augment_cfg = None  # the probe reads training frames as they are
+    model = MultiTaskNet(ModelSpec("resnet18", 4, "multitask", head_hidden=0, context_frames=2,
+                                   temporal_fusion="features")).eval()
+    frames, plan = context_plan(train_ds)
+    assert plan.shape == (len(train_ds), 2) and len(frames) < 2 * len(train_ds)  # shared frames are read once
+    loader = functools.partial(make_loader, batch_size=4, num_workers=0, device=torch.device("cpu"))
+    cached = dataset_features(model, train_ds, loader, torch.device("cpu"))
+    with torch.no_grad():
+        direct = torch.cat([model.features(b["image"]) for b in loader(train_ds)]).numpy()
+    assert cached.shape == (len(train_ds), 1024)
+    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("time_head", ["shared", "conditioned"])
+def test_fit_heads_other_time_heads_and_gaussian_nll(time_head):
+    """conditioned: the ridge also sees the logit (folded back to the raw logit the head receives); gaussian_nll:
+    the log-variance output is the constant cross-validated residual variance."""
+    rng = np.random.default_rng(2)
+    stack = np.repeat(np.arange(6), 10)
+    infected = (stack % 2).astype(np.int8)
+    feats = np.zeros((len(stack), 512), np.float32)
+    feats[:, :3] = rng.normal(size=(len(stack), 3))
+    feats[:, 0] += 3.0 * infected
+    hours = (3.0 * feats[:, 1] + 8.0 + rng.normal(scale=0.5, size=len(stack))).astype(np.float32)
+    index = SampleIndex(stack.astype(np.int32), np.zeros(len(stack), np.int32), hours, infected, hours)
+    model = MultiTaskNet(ModelSpec("resnet18", 1, "multitask", head_hidden=0, time_head=time_head,
+                                   time_nll=True)).eval()
+    model.set_time_scaling(8.0, 3.0)
+    info = fit_heads(model, feats, index)
+    assert "ridge_alpha_all" in info
+    with torch.no_grad():
+        out = model.heads(torch.from_numpy(feats))
+    assert np.abs(model.time_hours(out["time"]).numpy() - hours).mean() < 1.0
+    logvar = out["time_logvar"].numpy()
+    assert np.allclose(logvar, logvar[0]) and np.exp(logvar[0]) * 9.0 < 2.0  # residual variance in h^2, ~0.25
