@@ -25,7 +25,7 @@ from cellmtl.data.manifest import load_manifest, parse_condition
 from cellmtl.data.readers import probe_stack, read_stack
 from cellmtl.data.table import read_table
 from cellmtl.errors import BadInputError
-from cellmtl.explain import file_stem
+from cellmtl.fileio import file_stem
 from tests.conftest import SHARED_DATA, tiny_stack, write_config
 
 

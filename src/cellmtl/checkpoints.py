@@ -19,6 +19,7 @@ import torch
 from cellmtl.config import Config, config_from_dict
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
 from cellmtl.data.readers import StackInfo
+from cellmtl.data.tiles import TileSpec
 from cellmtl.data.transforms import Normalizer
 from cellmtl.errors import BadInputError
 from cellmtl.models import ModelSpec, MultiTaskNet
@@ -140,9 +141,11 @@ def checkpoint_dataset(
     index: SampleIndex,
     intervals: Sequence[float] | None = None,
 ) -> TimeCourseDataset:
-    """Frames prepared exactly as the checkpoint's model saw them in training: its channels, image size,
-    normalisation and temporal context (which needs each stack's frame interval, hours); no augmentation."""
+    """Frames prepared exactly as the checkpoint's model saw them in training: its channels, image size (or
+    tiles: every tile of the grid), normalisation and temporal context (which needs each stack's frame
+    interval, hours); no augmentation."""
     context = ckpt.get("temporal_context_hours")
+    tiles = TileSpec(**ckpt["tiles"]) if ckpt.get("tiles") else None
     if context and intervals is None:
         raise ValueError("this checkpoint stacks a temporal context; pass the stacks' frame intervals")
     return TimeCourseDataset(
@@ -154,6 +157,7 @@ def checkpoint_dataset(
         normalizer=Normalizer.from_dict(ckpt["normalizer"]),
         context_hours=context,
         intervals=intervals,
+        tiles=tiles,
     )
 
 

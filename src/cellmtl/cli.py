@@ -159,7 +159,7 @@ def stack_source(args: argparse.Namespace, command: str) -> dict:
 def cmd_predict(args: argparse.Namespace) -> int:
     from cellmtl.predict import predict
 
-    out = predict(args.checkpoint, out=args.out, **stack_source(args, "predict"))
+    out = predict(args.checkpoint, out=args.out, maps=args.maps, **stack_source(args, "predict"))
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0 (which wrote the tables)
         print(out)
     return 0
@@ -228,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--manifest", type=Path, help="manifest CSV of the stacks (condition optional)")
     p.add_argument("paths", nargs="*", type=Path, help="stack files or folders (instead of --manifest)")
-    p.add_argument("--out", type=Path, required=True, help="per-frame predictions CSV")
+    p.add_argument("--out", type=Path, required=True, help="per-frame predictions CSV (and <stem>.stacks.csv; "
+                   "with a well column <stem>.wells.csv and the plate view <stem>.plate.png)")
+    p.add_argument("--maps", type=Path, help="folder for a map per stack: <stack_id>.tif (T x 2 x rows x cols: "
+                   "prob_infected and time_hours per tile) and <stack_id>.png")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--frame-interval-hours", type=float, default=None,

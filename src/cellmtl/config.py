@@ -103,7 +103,17 @@ class DataConfig(_Strict):
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="automatic split: share of stacks for test")
     frame_interval_hours: float = Field(1.0, gt=0.0)
     channels: list[int] | list[str] | None = None
-    image_size: int = Field(128, ge=16, le=2048)
+    image_size: int = Field(128, ge=16, le=2048, description="model input side in pixels: each frame is resized "
+                            "to image_size x image_size (without tiles)")
+    tile_size: int | None = Field(
+        None, ge=16, le=4096, description="tiles of this side (pixels, after downsample) at native resolution: "
+        "training draws random tiles, everything else scores every tile of a fixed grid and a frame's outputs "
+        "are aggregated from its tiles; null = the whole frame resized to image_size"
+    )
+    tile_overlap: float = Field(0.0, ge=0.0, lt=0.9, description="fraction of a tile's side shared by neighbours")
+    downsample: int = Field(1, ge=1, le=64, description="with tiles: block-average frames by this integer first")
+    tiles_per_frame: int = Field(4, ge=1, le=1024, description="with tiles: random training tiles per frame and "
+                                 "epoch")
     pre_onset: Literal["drop", "keep", "as_uninfected"] = "drop"
     temporal_context_hours: list[float] | None = Field(
         None, description="frames at these hour offsets (e.g. [-6, -3, 0]) stacked as channels, clamped to the stack"
@@ -288,6 +298,16 @@ class Config(_Strict):
                 raise ValueError(f"multitask.weighting {m.weighting!r} needs task.mode multitask (two losses)")
             if m.time_head != "shared":
                 raise ValueError(f"multitask.time_head {m.time_head!r} needs task.mode multitask (a classifier)")
+        return self
+
+    @model_validator(mode="after")
+    def _tiles(self) -> Config:
+        d = self.data
+        if d.tile_size is None and (d.downsample != 1 or d.tile_overlap != 0.0):
+            raise ValueError("data.downsample and data.tile_overlap need data.tile_size (tiles at native resolution)")
+        if d.tile_size is not None and self.training.strategy != "finetune":
+            raise ValueError(f"training.strategy {self.training.strategy} fits heads on whole-frame features; with "
+                             "data.tile_size use training.strategy finetune")
         return self
 
     @model_validator(mode="after")

@@ -194,11 +194,17 @@ def gather_predictions(preds: Predictions, positions: np.ndarray, n: int, ctx: D
                 out[pos] = a
         return out
 
-    names = [f.name for f in fields(Predictions) if f.name not in ("n", "extra")]
+    names = [f.name for f in fields(Predictions) if f.name not in ("n", "extra", "maps")]
     merged = {f: merge([getattr(p, f) for _, p in parts]) for f in names}
     keys = next((p.extra.keys() for _, p in parts if p.extra), ())
     extra = {k: merge([p.extra[k] if p.extra else None for _, p in parts]) for k in keys} or None
-    return Predictions(n=n, **merged, extra=extra)
+    maps = None
+    if any(p.maps is not None for _, p in parts):  # tile maps differ in shape between stacks: a list, by position
+        maps = [None] * n
+        for pos, p in parts:
+            for i, m in zip(pos, p.maps or [], strict=False):
+                maps[int(i)] = m
+    return Predictions(n=n, **merged, extra=extra, maps=maps)
 
 
 def average_grads(params: list[torch.Tensor], ctx: DistContext) -> None:

@@ -38,9 +38,33 @@ class Predictions:
     time_pred_scaled: np.ndarray | None
     time_std: np.ndarray | None = None  # hours; gaussian_nll models only
     extra: dict[str, np.ndarray] | None = None  # other raw outputs (time_per_class, time_logvar, ...), scaled axis
+    maps: list[np.ndarray] | None = None  # tiled frames with run_model(keep_maps=True): [2, rows, cols] each
 
     def __len__(self) -> int:
         return self.n
+
+
+def _tile_outputs(model: MultiTaskNet, tiles: torch.Tensor, device: torch.device, amp_dtype: torch.dtype | None,
+                  chunk: int, memory_format: torch.memory_format) -> dict[str, torch.Tensor]:
+    """The model on every tile of one frame `[K, C, s, s]`, `chunk` tiles at a time: each output `[K, ...]`."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, tiles.shape[0], chunk):
+        x = tiles[start:start + chunk].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        with autocast_ctx(device, amp_dtype):
+            out = model(x)
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v.float().cpu())
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def frame_from_tiles(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One frame's outputs `[1, ...]` from its tiles' `[K, ...]` (`cellmtl.data.tiles.aggregate`'s rule): the
+    logit of the mean probability; the median of the time and of every other output."""
+    frame = {k: v.median(dim=0).values[None] for k, v in out.items() if k != "infected"}
+    if "infected" in out:
+        p = torch.sigmoid(out["infected"].double()).mean().clamp(1e-7, 1 - 1e-7)
+        frame["infected"] = torch.logit(p).float()[None]
+    return frame
 
 
 @torch.no_grad()
@@ -52,28 +76,42 @@ def run_model(
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
     desc: str = "predict",
+    keep_maps: bool = False,
+    tile_batch: int = 64,
 ) -> Predictions:
+    """Per-sample outputs in the loader's order. Samples that are tile grids (`image` `[K, C, s, s]` per frame)
+    give one prediction per frame, aggregated from its tiles, which go through the model `tile_batch` at a
+    time (memory stays that of a batch however large the field); `keep_maps` also keeps each frame's tile map
+    (`Predictions.maps`)."""
     model.eval()
-    logits, times, n = [], [], 0
-    extra: dict[str, list[torch.Tensor]] = {}
+    outputs: dict[str, list[torch.Tensor]] = {}
+    maps: list[np.ndarray] = []
+    n = 0
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, file=sys.stderr):
-        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
+        images = batch["image"]
+        if "grid" in batch:  # tile grids: one frame at a time, its tiles in chunks of the loader's batch size
+            for tiles, grid in zip(images, batch["grid"], strict=True):
+                out = _tile_outputs(model, tiles, device, amp_dtype, tile_batch, memory_format)
+                if keep_maps:
+                    maps.append(tile_map(model, out, grid))
+                for k, v in frame_from_tiles(out).items():
+                    outputs.setdefault(k, []).append(v)
+                n += 1
+            continue
+        x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast_ctx(device, amp_dtype):
             out = model(x)
-        if "infected" in out:
-            logits.append(out["infected"].float().cpu())
-        if "time" in out:
-            times.append(out["time"].float().cpu())
-        for k in out.keys() - {"infected", "time"}:
-            extra.setdefault(k, []).append(out[k].float().cpu())
+        for k, v in out.items():
+            outputs.setdefault(k, []).append(v.float().cpu())
         n += x.shape[0]
-    logit = torch.cat(logits).numpy() if logits else None
-    scaled = torch.cat(times) if times else None
-    raw = {k: torch.cat(v).numpy() for k, v in extra.items()}
+    raw = {k: torch.cat(v) for k, v in outputs.items()}
+    logit = raw.pop("infected").numpy() if "infected" in raw else None
+    scaled = raw.pop("time") if "time" in raw else None
+    extra = {k: v.numpy() for k, v in raw.items()}
     std = None
-    if "time_logvar" in raw:  # std on the scaled axis times the scale gives hours
-        std = (np.exp(0.5 * np.clip(raw["time_logvar"], -10.0, 10.0)) * float(model.time_scale)).astype(np.float32)
+    if "time_logvar" in extra:  # std on the scaled axis times the scale gives hours
+        std = (np.exp(0.5 * np.clip(extra["time_logvar"], -10.0, 10.0)) * float(model.time_scale)).astype(np.float32)
     return Predictions(
         n=n,
         prob=None if logit is None else (1.0 / (1.0 + np.exp(-logit.astype(np.float64)))).astype(np.float32),
@@ -81,8 +119,18 @@ def run_model(
         time_pred=None if scaled is None else model.time_hours(scaled).numpy(),
         time_pred_scaled=None if scaled is None else scaled.numpy(),
         time_std=std,
-        extra=raw or None,
+        extra=extra or None,
+        maps=maps if keep_maps else None,
     )
+
+
+def tile_map(model: MultiTaskNet, out: dict[str, torch.Tensor], grid: tuple[int, int]) -> np.ndarray:
+    """One frame's tiles as a map: float32 `[2, rows, cols]`, `prob_infected` and time in hours (NaN for the
+    task a single-task model lacks)."""
+    rows, cols = grid
+    prob = torch.sigmoid(out["infected"]) if "infected" in out else torch.full((rows * cols,), float("nan"))
+    hours = model.time_hours(out["time"]) if "time" in out else torch.full((rows * cols,), float("nan"))
+    return torch.stack([prob, hours]).reshape(2, rows, cols).numpy().astype(np.float32)
 
 
 def prediction_arrays(index: SampleIndex, preds: Predictions) -> dict[str, np.ndarray | None]:

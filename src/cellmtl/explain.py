@@ -9,9 +9,7 @@ the input side / 32 (4 x 4 at 128 px): a coarse map, which says which region, no
 
 from __future__ import annotations
 
-import hashlib
 import html
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellmtl.data.tiles import TileSpec, grid_tiles, tile_grid
 from cellmtl.errors import BadInputError
-from cellmtl.fileio import write_text
+from cellmtl.fileio import file_stem, write_text
 from cellmtl.models import MultiTaskNet
 from cellmtl.reports.images import composite
 
@@ -34,7 +33,8 @@ def target_layer(model: MultiTaskNet) -> nn.Module:
         raise BadInputError(f"explain: model {model.spec.name!r}: {exc}") from None
 
 
-def grad_cam(model: MultiTaskNet, x: torch.Tensor, head: str, sign: torch.Tensor | None = None) -> torch.Tensor:
+def grad_cam(model: MultiTaskNet, x: torch.Tensor, head: str, sign: torch.Tensor | None = None,
+             normalise: bool = True) -> torch.Tensor:
     """x `[B, C, H, W]` float32 -> heat maps `[B, H, W]` float32 in [0, 1] for output `head` ("infected"
     logit or "time"), each map scaled by its own maximum (all zeros when nothing supports the output).
     `sign` `[B]` (+1/-1) flips the output per sample, e.g. to explain the evidence for "uninfected"."""
@@ -59,8 +59,37 @@ def grad_cam(model: MultiTaskNet, x: torch.Tensor, head: str, sign: torch.Tensor
     act, grad = store["act"].detach().float(), store["grad"].detach().float()
     cam = F.relu((grad.mean(dim=(2, 3), keepdim=True) * act).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    if not normalise:  # tiles of one frame: scaled together by the caller
+        return cam
     peak = cam.amax(dim=(1, 2), keepdim=True)
     return torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam)).clamp(0.0, 1.0)
+
+
+def frame_cam(model: MultiTaskNet, image: torch.Tensor, head: str, sign: torch.Tensor | None, tiles: TileSpec | None,
+              device: torch.device, chunk: int = 32) -> np.ndarray:
+    """One frame's Grad-CAM map `[H, W]` in [0, 1]. With tiles, every tile of the grid is explained as the model
+    saw it, the tile maps are placed where the tiles lie (overlaps averaged) and the frame's map is scaled to
+    its maximum, so tiles compare with each other."""
+    if tiles is None:
+        return grad_cam(model, image[None].to(device), head, sign).cpu().numpy()[0]
+    grid, (rows, cols) = grid_tiles(image, tiles)
+    ys, xs = tile_grid(image.shape[1], image.shape[2], tiles)
+    parts = []
+    for start in range(0, grid.shape[0], chunk):
+        batch = grid[start:start + chunk].to(device)
+        parts.append(grad_cam(model, batch, head, None if sign is None else sign.expand(batch.shape[0]),
+                              normalise=False).cpu())
+    maps = torch.cat(parts)
+    total = torch.zeros(image.shape[1:])
+    count = torch.zeros(image.shape[1:])
+    size = tiles.size
+    for k, (y, x) in enumerate((y, x) for y in ys for x in xs):
+        h, w = total[y:y + size, x:x + size].shape
+        total[y:y + size, x:x + size] += maps[k, :h, :w]
+        count[y:y + size, x:x + size] += 1
+    cam = total / count.clamp_min(1)
+    peak = cam.max()
+    return (cam / peak if peak > 0 else torch.zeros_like(cam)).numpy()
 
 
 def pick_frames(
@@ -85,15 +114,6 @@ def pick_frames(
         if time_err is not None and np.isfinite(time_err).any():
             roles.setdefault(int(np.nanargmax(time_err)), []).append("largest time error")
     return dict(sorted(roles.items()))
-
-
-def file_stem(stack_id: str) -> str:
-    """A file name for a stack: the stack_id where it is a safe name already, else its safe characters plus a
-    short hash of the stack_id, so `Well ä` and `Well ö` (both `Well_`) get two files, not one."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stack_id).strip(".") or "stack"
-    if safe == stack_id:
-        return safe
-    return f"{safe}-{hashlib.sha1(stack_id.encode('utf-8')).hexdigest()[:8]}"
 
 
 def plot_montage(
@@ -209,17 +229,18 @@ def explain(
         if not chosen:
             continue
         sel = list(chosen)
-        x = torch.stack([ds.load_image(i) for i in sel]).to(dev)
-        cams = {}
-        for head in heads:
-            sign = None
-            if head == "infected":
-                sign = torch.from_numpy(np.where(preds.prob[sel] >= 0.5, 1.0, -1.0))  # type: ignore[index]
-            cams[head] = grad_cam(model, x, head, sign).cpu().numpy()
+        images = [ds.load_image(i) for i in sel]
+        cams: dict[str, list[np.ndarray]] = {h: [] for h in heads}
+        for j, i in enumerate(sel):
+            for head in heads:
+                sign = None
+                if head == "infected":  # explain the evidence for the class predicted for the frame
+                    sign = torch.tensor([1.0 if preds.prob[i] >= 0.5 else -1.0])  # type: ignore[index]
+                cams[head].append(frame_cam(model, images[j], head, sign, ds.tiles, dev))
         rows = []
         for j, i in enumerate(sel):
             rows.append({
-                "image": x[j].cpu().numpy(),
+                "image": images[j].numpy(),
                 "cams": {h: cams[h][j] for h in heads},
                 "caption": caption(rec.stack_id, int(index.frame[i]), float(index.hours[i]), chosen[i],
                                    None if preds.prob is None else float(preds.prob[i]),

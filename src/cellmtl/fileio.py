@@ -9,10 +9,12 @@ storage can read a run.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -108,3 +110,12 @@ def csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
     writer.writeheader()
     writer.writerows({k: csv_cell(v) for k, v in r.items()} for r in rows)
     return buf.getvalue()
+
+
+def file_stem(stack_id: str) -> str:
+    """A file name for a stack: the stack_id where it is a safe name already, else its safe characters plus a
+    short hash of the stack_id, so `Well ä` and `Well ö` (both `Well_`) get two files, not one."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", stack_id).strip(".") or "stack"
+    if safe == stack_id:
+        return safe
+    return f"{safe}-{hashlib.sha1(stack_id.encode('utf-8')).hexdigest()[:8]}"

@@ -15,10 +15,11 @@ from cellmtl.config import FrameSelection
 from cellmtl.data.channels import checkpoint_channels
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset, probe_records, stack_index, with_file_times
 from cellmtl.data.manifest import FROM_COMMAND_LINE, FROM_CONFIG, StackRecord, load_manifest
-from cellmtl.engine import prediction_rows, run_model
+from cellmtl.engine import Predictions, prediction_rows, run_model
 from cellmtl.errors import BadInputError
-from cellmtl.fileio import write_csv
+from cellmtl.fileio import file_stem, write_csv
 from cellmtl.metrics import FLAT_SLOPE, theil_sen_slope
+from cellmtl.reports.maps import montage_frames, plot_map_montage, plot_plate, write_map_tiff
 from cellmtl.runtime import make_loader, pick_device
 
 
@@ -122,6 +123,57 @@ def new_stacks_dataset(
     return ckpt, records, ds
 
 
+def well_summary(summary: Sequence[dict], records: Sequence[StackRecord], threshold: float = 0.5) -> list[dict]:
+    """One row per well (stacks with a `well` column): its stacks, the mean of their `prob_infected`, the call it
+    gives, the median `est_onset_hour` of its stacks that have one, and every manifest column its stacks agree
+    on (plate-map columns such as moi or virus, the condition where known)."""
+    by_id = {r.stack_id: r for r in records}
+    wells: dict[str, list[dict]] = {}
+    for row in summary:
+        well = by_id[row["stack_id"]].extra.get("well", "").strip()
+        if well:
+            wells.setdefault(well, []).append(row)
+    out = []
+    for well, rows in wells.items():
+        probs = [r["prob_infected"] for r in rows if r["prob_infected"] is not None]
+        onsets = [r["est_onset_hour"] for r in rows if r.get("est_onset_hour") is not None]
+        mean = float(np.mean(probs)) if probs else None
+        row: dict = {"well": well, "stacks": len(rows), "stack_ids": "|".join(r["stack_id"] for r in rows),
+                     "prob_infected": None if mean is None else round(mean, 6),
+                     "pred_condition": None if mean is None else ("infected" if mean >= threshold else "uninfected"),
+                     "est_onset_hour": round(float(np.median(onsets)), 3) if onsets else None}
+        recs = [by_id[r["stack_id"]] for r in rows]
+        shared = {"condition": recs[0].condition or None} if len({r.condition for r in recs}) == 1 else {}
+        for key in recs[0].extra:
+            values = {r.extra.get(key) for r in recs}
+            if key not in ("well", "channels") and len(values) == 1:
+                shared[key] = recs[0].extra[key]
+        out.append({**row, **shared})
+    return sorted(out, key=lambda r: (len(r["well"]), r["well"]))
+
+
+def write_maps(ds: TimeCourseDataset, preds: Predictions, records: Sequence[StackRecord], folder: Path) -> None:
+    """`<folder>/<stack_id>.tif` (T x 2 x rows x cols, one pixel per tile; 1 x 1 without tiles) and `.png`."""
+    index = ds.index
+    for k, rec in enumerate(records):
+        pos = np.flatnonzero(index.stack == k)
+        if not len(pos):
+            continue
+        if preds.maps is not None:
+            maps = [preds.maps[i] for i in pos]
+        else:  # whole frames: the map is the frame's own value
+            nan = np.full(len(pos), np.nan, np.float32)
+            prob = nan if preds.prob is None else preds.prob[pos]
+            hours = nan if preds.time_pred is None else preds.time_pred[pos]
+            maps = [np.array([[[p]], [[h]]], np.float32) for p, h in zip(prob, hours, strict=True)]
+        stem = file_stem(rec.stack_id)
+        write_map_tiff(maps, folder / f"{stem}.tif")
+        shown = montage_frames(len(pos))
+        plot_map_montage([ds.load_image(int(pos[j])).numpy() for j in shown], [maps[j] for j in shown],
+                         [float(index.hours[pos[j]]) for j in shown], f"{rec.stack_id}: prob_infected per tile",
+                         folder / f"{stem}.png")
+
+
 def predict(
     checkpoint: str | Path,
     *,
@@ -133,10 +185,12 @@ def predict(
     frame_interval_hours: float | None = None,
     num_workers: int = 0,
     progress: bool = True,
+    maps: str | Path | None = None,
 ) -> Path:
-    """Per-frame predictions CSV at `out` and `<stem>.stacks.csv` beside it; returns `out`.
+    """Per-frame predictions CSV at `out` and `<stem>.stacks.csv` beside it; returns `out`. With a `well`
+    column also `<stem>.wells.csv` and the plate view `<stem>.plate.png`; with `maps` a map per stack there.
 
-    Uses the checkpoint's own channels, normalisation and image size. Labels are optional: where the
+    Uses the checkpoint's own channels, normalisation and image size (or tiles). Labels are optional: where the
     manifest gives a condition (and onset), `condition` and `time_target` columns are filled in.
 
     Under torchrun each process scores a shard of the stacks (stack k on rank k % world size, so each file is
@@ -150,7 +204,8 @@ def predict(
         positions = np.flatnonzero(ds.index.stack % ctx.world_size == ctx.rank)
         mine = ds if not ctx.enabled else Subset(ds, positions.tolist())
         loader = make_loader(mine, batch_size=batch_size, num_workers=num_workers, device=dev)
-        preds = run_model(model.eval(), loader, dev, progress=progress and ctx.is_main, desc="predict")
+        preds = run_model(model.eval(), loader, dev, progress=progress and ctx.is_main, desc="predict",
+                          keep_maps=maps is not None and ds.tiles is not None, tile_batch=batch_size)
         preds = distributed.gather_predictions(preds, positions, len(ds), ctx) if ctx.enabled else preds
     finally:
         distributed.shutdown()
@@ -161,6 +216,12 @@ def predict(
     write_csv(rows, out)
     summary = stack_summary(rows)
     write_csv(summary, out.with_name(f"{out.stem}.stacks.csv"))
+    wells = well_summary(summary, records)
+    if wells:
+        write_csv(wells, out.with_name(f"{out.stem}.wells.csv"))
+        plot_plate(wells, out.with_name(f"{out.stem}.plate.png"), title=out.stem)
+    if maps is not None:
+        write_maps(ds, preds, records, Path(maps))
     note = onset_note(summary)
     if note is not None:
         print(note, file=sys.stderr)

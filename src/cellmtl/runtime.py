@@ -48,11 +48,13 @@ def autocast_ctx(device: torch.device, dtype: torch.dtype | None):
 
 
 def collate_images(batch: list[dict]) -> dict:
-    """Stack tensors; keep strings and numbers as lists (cheaper and clearer than default_collate)."""
+    """Stack tensors; keep strings and numbers as lists (cheaper and clearer than default_collate). Tensors
+    that differ in shape (the tile grids of fields of different sizes) stay a list."""
     out: dict = {}
     for key in batch[0]:
         vals = [b[key] for b in batch]
-        out[key] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) else vals
+        same = isinstance(vals[0], torch.Tensor) and all(v.shape == vals[0].shape for v in vals)
+        out[key] = torch.stack(vals) if same else vals
     return out
 
 
@@ -67,7 +69,11 @@ def make_loader(
     persistent: bool = False,
 ) -> DataLoader:
     """`persistent` keeps worker processes between epochs (the training loader); the others fork new
-    workers when iterated, so a run holds one set of idle workers, not three."""
+    workers when iterated, so a run holds one set of idle workers, not three. A dataset whose samples are
+    whole tile grids gets batches of about `batch_size` tiles, not frames."""
+    per_sample = getattr(ds, "tiles_per_sample", lambda: 1)()
+    if per_sample > 1 and sampler is None:
+        batch_size = max(1, batch_size // per_sample)
     kwargs: dict = {}
     if num_workers > 0:
         # Workers' base seed from a private generator: it does not consume the global RNG (dropout), so a

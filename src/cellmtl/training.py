@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from cellmtl.data.dataset import (
     class_weights,
     load_experiment,
 )
+from cellmtl.data.tiles import tile_spec
 from cellmtl.data.transforms import Normalizer
 from cellmtl.engine import Predictions, prediction_arrays, prediction_rows, run_model, score
 from cellmtl.errors import BadInputError, TrainingError
@@ -179,23 +180,27 @@ def datasets(
 ) -> tuple[TimeCourseDataset | None, ...]:
     d = cfg.data
     ids = [r.stack_id for r in exp.records]
+    tiles = tile_spec(d)
     out = []
     for split, index in indices.items():
         if index is None:
             out.append(None)
             continue
+        train = split == "train"
         out.append(
             TimeCourseDataset(
                 exp.infos,
                 ids,
-                index,
+                index.repeat(tiles.per_frame) if train and tiles is not None else index,
                 channels=exp.channels,
                 image_size=d.image_size,
                 normalizer=normalizer,
-                augment_cfg=d.augment if split == "train" else None,
+                augment_cfg=d.augment if train else None,
                 seed=cfg.seed,
                 context_hours=d.temporal_context_hours,
                 intervals=[r.frame_interval_hours for r in exp.records],
+                tiles=tiles,
+                random_tiles=train,
             )
         )
     return tuple(out)
@@ -363,7 +368,8 @@ def checkpoint_dict(s: Setup, epoch: int) -> dict[str, Any]:
         "channels": list(s.exp.channels),
         "channel_names": s.exp.channel_names,
         "channel_luts": list(s.exp.infos[0].luts) if s.exp.infos[0].luts else None,  # the reference's colours
-        "image_size": s.cfg.data.image_size,
+        "image_size": s.cfg.data.tile_size or s.cfg.data.image_size,  # the model's input side
+        "tiles": None if tile_spec(s.cfg.data) is None else asdict(tile_spec(s.cfg.data)),
         "temporal_context_hours": s.cfg.data.temporal_context_hours,
         "time_shift": float(s.model.time_shift),
         "time_scale": float(s.model.time_scale),

@@ -26,6 +26,7 @@ from cellmtl.data.manifest import (
 from cellmtl.data.readers import StackInfo, StackReader, probe_stack
 from cellmtl.data.splits import assign_splits
 from cellmtl.data.targets import hours_since_start, select_frames, time_targets
+from cellmtl.data.tiles import TileSpec, downsample, grid_shape, grid_tiles, random_tile
 from cellmtl.data.transforms import Normalizer, augment, fit_normalizer, resize
 from cellmtl.errors import BadInputError, all_culprits
 
@@ -44,6 +45,10 @@ class SampleIndex:
 
     def __len__(self) -> int:
         return len(self.stack)
+
+    def repeat(self, k: int) -> SampleIndex:
+        """Every entry k times in a row: the index of `k` random training tiles per frame."""
+        return SampleIndex(*(np.repeat(getattr(self, f), k) for f in SampleIndex.__annotations__))
 
     @staticmethod
     def concat(parts: Sequence[SampleIndex]) -> SampleIndex:
@@ -239,6 +244,11 @@ class TimeCourseDataset(Dataset):
     Keys may be an int, or `(int, epoch)` from `EpochSampler` so augmentation differs per epoch yet is
     reproducible whatever the number of workers: each sample's generator is seeded from
     (seed, epoch, index).
+
+    With `tiles` (`cellmtl.data.tiles`) frames keep their native resolution (after `tiles.downsample`): with
+    `random_tiles` (training) a sample is one random tile `[C, size, size]` (give an index repeated
+    `tiles.per_frame` times, `SampleIndex.repeat`); otherwise a sample is every tile of the frame's grid,
+    `image` `[K, C, size, size]` with `grid` (rows, cols), and the engine makes one prediction of them.
     """
 
     def __init__(
@@ -254,6 +264,8 @@ class TimeCourseDataset(Dataset):
         seed: int = 0,
         context_hours: Sequence[float] | None = None,
         intervals: Sequence[float] | None = None,
+        tiles: TileSpec | None = None,
+        random_tiles: bool = False,
     ) -> None:
         self.readers = [StackReader(info) for info in infos]
         self.stack_ids = list(stack_ids)
@@ -263,19 +275,32 @@ class TimeCourseDataset(Dataset):
         self.normalizer = normalizer
         self.augment_cfg = augment_cfg
         self.seed = seed
+        self.tiles, self.random_tiles = tiles, random_tiles
         # data.temporal_context_hours as frame offsets per stack (each stack has its own frame interval)
         self.frame_offsets: list[list[int]] | None = None
         if context_hours:
             if intervals is None or len(intervals) != len(infos):
                 raise ValueError("temporal context needs one frame interval per stack")
             self.frame_offsets = [context_offsets(context_hours, dt) for dt in intervals]
-        self.cache: torch.Tensor | None = None
+        self.cache: torch.Tensor | list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.index)
 
     def cache_bytes(self) -> int:
-        return 0 if self.cache is None else self.cache.numel() * self.cache.element_size()
+        if self.cache is None:
+            return 0
+        parts = self.cache if isinstance(self.cache, list) else [self.cache]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def tiles_per_sample(self) -> int:
+        """Tiles in the largest sample (1 without tiles or with random training tiles): loaders batch fewer
+        frames when each brings many tiles."""
+        if self.tiles is None or self.random_tiles:
+            return 1
+        rows, cols = max((grid_shape(r.info.height, r.info.width, self.tiles) for r in self.readers),
+                         key=lambda g: g[0] * g[1])
+        return rows * cols
 
     def fill_cache(self) -> None:
         """Read, resize and normalise every frame once into one float32 `[N, C', S, S]` tensor (`data.cache:
@@ -283,6 +308,11 @@ class TimeCourseDataset(Dataset):
         the main process before DataLoader workers fork, so on Linux they share its pages instead of each
         building a copy."""
         if len(self) == 0:
+            return
+        if self.tiles is not None:  # native-resolution fields differ in size between stacks: one tensor each
+            seen: dict[tuple[int, int], torch.Tensor] = {}
+            keys = list(zip(self.index.stack.tolist(), self.index.frame.tolist(), strict=True))
+            self.cache = [seen.setdefault(k, self.load_image(i)) for i, k in enumerate(keys)]
             return
         first = self.load_image(0)
         cache = torch.empty((len(self), *first.shape), dtype=torch.float32)
@@ -292,29 +322,38 @@ class TimeCourseDataset(Dataset):
         self.cache = cache
 
     def load_image(self, i: int) -> torch.Tensor:
-        """Read, resize and normalise frame i of the index: float32 `[C, image_size, image_size]`."""
+        """Read, resize (or, with tiles, downsample) and normalise frame i of the index: float32
+        `[C, image_size, image_size]`, or the whole field `[C, H / downsample, W / downsample]` with tiles."""
         if self.cache is not None:
             return self.cache[i]  # a view; augmentation and collation copy, nothing writes into it
         s, f = int(self.index.stack[i]), int(self.index.frame[i])
-        if self.frame_offsets is None:
-            img = torch.from_numpy(self.readers[s].read(f, self.channels))
-            return self.normalizer(resize(img, self.image_size))
-        n = self.readers[s].info.n_frames
-        frames = context_frames(f, self.frame_offsets[s], n)
+        frames = [f] if self.frame_offsets is None else context_frames(f, self.frame_offsets[s],
+                                                                      self.readers[s].info.n_frames)
         # each frame normalised on its own, then stacked: [len(offsets) * C, H, W], oldest offset first
-        parts = [self.normalizer(resize(torch.from_numpy(self.readers[s].read(t, self.channels)), self.image_size))
+        parts = [self.normalizer(self._fit(torch.from_numpy(self.readers[s].read(t, self.channels))))
                  for t in frames]
-        return torch.cat(parts, dim=0)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+    def _fit(self, img: torch.Tensor) -> torch.Tensor:
+        """The frame at the model's scale: resized to image_size, or block-averaged for tiles (per-image
+        normalisation then sees the whole field, so a tile of background stays dark)."""
+        return resize(img, self.image_size) if self.tiles is None else downsample(img, self.tiles.downsample)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         i, epoch = (key, 0) if isinstance(key, int | np.integer) else key
         i = int(i)
         img = self.load_image(i)
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
+        extra: dict = {}
+        if self.tiles is not None and self.random_tiles:
+            img = random_tile(img, self.tiles, gen)
+        elif self.tiles is not None:
+            img, extra["grid"] = grid_tiles(img, self.tiles)
         if self.augment_cfg is not None:
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
             img = augment(img, self.augment_cfg, gen)
         t = float(self.index.time_target[i])
         return {
+            **extra,
             "image": img.float(),
             "infected": torch.tensor(float(self.index.infected[i])),
             "time_h": torch.tensor(t, dtype=torch.float32),
