@@ -20,6 +20,7 @@ from cellmtl.errors import BadInputError
 from cellmtl.fileio import file_stem, write_csv
 from cellmtl.metrics import FLAT_SLOPE, theil_sen_slope
 from cellmtl.reports.maps import montage_frames, plot_map_montage, plot_plate, write_map_tiff
+from cellmtl.reports.plots import plot_onset_per_stack
 from cellmtl.runtime import make_loader, pick_device
 
 
@@ -172,6 +173,33 @@ def write_maps(ds: TimeCourseDataset, preds: Predictions, records: Sequence[Stac
         plot_map_montage([ds.load_image(int(pos[j])).numpy() for j in shown], [maps[j] for j in shown],
                          [float(index.hours[pos[j]]) for j in shown], f"{rec.stack_id}: prob_infected per tile",
                          folder / f"{stem}.png")
+
+
+def write_stack_views(folder: Path, ds: TimeCourseDataset, preds: Predictions, records: Sequence[StackRecord],
+                      max_maps: int = 3) -> list[Path]:
+    """The per-stack views of a split for its report: onset per stack, the plate view (stacks with a `well`)
+    and, for a tile model, the maps of a few stacks (infected and mock alike); returns the PNGs written."""
+    summary = stack_summary(prediction_rows(ds, preds, records))
+    written = []
+    onset = plot_onset_per_stack(summary, {r.stack_id: r.onset_hour for r in records if r.onset_hour is not None},
+                                 folder / "onset_per_stack.png")
+    written += [onset] if onset else []
+    wells = well_summary(summary, records)
+    if wells:
+        written.append(plot_plate(wells, folder / "plate.png", title=folder.name))
+    if preds.maps is not None:
+        index, shown = ds.index, 0
+        for k, rec in enumerate(records):
+            pos = np.flatnonzero(index.stack == k)
+            if not len(pos) or shown >= max_maps:
+                continue
+            picks = montage_frames(len(pos))
+            written.append(plot_map_montage(
+                [ds.load_image(int(pos[j])).numpy() for j in picks], [preds.maps[pos[j]] for j in picks],
+                [float(index.hours[pos[j]]) for j in picks], f"{rec.stack_id} ({rec.condition or 'unlabelled'}): "
+                "prob_infected per tile", folder / "maps" / f"{file_stem(rec.stack_id)}.png"))
+            shown += 1
+    return written
 
 
 def predict(

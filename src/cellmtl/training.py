@@ -49,6 +49,7 @@ from cellmtl.metrics import (
     metric_direction,
 )
 from cellmtl.models import ModelSpec, MultiTaskNet, build_model, spec_from_config, starting_weights
+from cellmtl.predict import write_stack_views
 from cellmtl.reports.html import write_report
 from cellmtl.reports.plots import write_run_plots
 from cellmtl.runtime import autocast_ctx, autocast_for, cpu_threads, make_loader, pick_device
@@ -459,9 +460,10 @@ def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
     return {f"train_{k}_loss": v / max(totals[-1], 1) for k, v in zip(sums, totals, strict=False)}
 
 
-def validate(s: Setup, ds: TimeCourseDataset, loader=None) -> tuple[dict[str, float | None], Predictions]:
+def validate(s: Setup, ds: TimeCourseDataset, loader=None, keep_maps: bool = False
+             ) -> tuple[dict[str, float | None], Predictions]:
     loader = loader or make_loader(ds, batch_size=s.cfg.training.batch_size, num_workers=0, device=s.device)
-    preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype)
+    preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype, keep_maps=keep_maps)
     return score(s.model, s.loss_fn, ds.index, preds), preds
 
 
@@ -675,10 +677,11 @@ def finish(s: Setup) -> dict[str, Any]:
         return {}
     best = load_checkpoint(s.run_dir / "checkpoints" / "best.pt", map_location=s.device)
     s.model.load_state_dict(best["model"])
-    val, val_preds = validate(s, s.val_ds)
+    val, val_preds = validate(s, s.val_ds, keep_maps=s.val_ds.tiles is not None)
     write_csv(prediction_rows(s.val_ds, val_preds, s.exp.records), s.run_dir / "predictions_val.csv")
     try:
         write_run_plots(s.run_dir, s.history, prediction_arrays(s.val_ds.index, val_preds))
+        write_stack_views(s.run_dir / "plots", s.val_ds, val_preds, s.exp.records)
     except ValueError as exc:  # e.g. non-finite predictions: keep the run, say why plots are missing
         s.logger.warning("plots not written: %s", exc)
     hint = selection_hint(s.history, s.best_epoch, s.cfg.training.select_metric)

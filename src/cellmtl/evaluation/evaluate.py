@@ -22,6 +22,7 @@ from cellmtl.evaluation.review import write_error_review
 from cellmtl.evaluation.timeresolved import binned_metrics, bootstrap_ci, earliest_reliable_hour, per_stack_metrics
 from cellmtl.fileio import write_csv, write_json
 from cellmtl.losses import loss_from_config
+from cellmtl.predict import write_stack_views
 from cellmtl.reports.html import write_report
 from cellmtl.reports.plots import plot_time_bins, write_run_plots
 from cellmtl.runtime import make_loader, pick_device
@@ -66,7 +67,8 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     device = pick_device(cfg.training.device)
     model = model_from_checkpoint(ckpt).to(device)
     loader = make_loader(ds, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers, device=device)
-    preds = run_model(model, loader, device, progress=cfg.training.progress, desc=f"evaluate {split}")
+    preds = run_model(model, loader, device, progress=cfg.training.progress, desc=f"evaluate {split}",
+                      keep_maps=ds.tiles is not None)
     loss_fn = loss_from_config(cfg)
     metrics = score(model.cpu(), loss_fn, index, preds)
     write_csv(prediction_rows(ds, preds, exp.records), run / f"predictions_{split}.csv")
@@ -76,6 +78,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     bins = binned_metrics(index.hours, arrays, bin_hours=3.0)
     bins_png = plot_time_bins(bins, run / "plots" / f"evaluation_{split}" / "metrics_vs_time.png")
     plots += [bins_png] if bins_png else []
+    plots += write_stack_views(run / "plots" / f"evaluation_{split}", ds, preds, exp.records)
     errors = write_error_review(run, split, arrays, ids, index.frame, index.hours, ds.load_image, top_k)
     per_stack = per_stack_metrics(ids, arrays)
     write_csv(per_stack, run / f"per_stack_{split}.csv")

@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cellmtl.metrics import LOSS_NAMES, classification_metrics, metric_direction, regression_metrics
+from cellmtl.metrics import classification_metrics, regression_metrics
 
 DPI = 120
 # Okabe-Ito colours: distinguishable with colour-vision deficiency and on a projector.
@@ -37,27 +37,6 @@ LEARNING_CURVES = "learning_curves.png"
 ROC = "roc.png"
 CONFUSION = "confusion_matrix.png"
 TIME_SCATTER = "time_scatter.png"
-
-# Title and y-axis label for each logged quantity (without its train_/val_ prefix).
-_QUANTITY_LABELS: dict[str, tuple[str, str]] = {
-    "total_loss": ("Total loss", "loss"),
-    "cls_loss": ("Classification loss", "loss"),
-    "reg_loss": ("Time regression loss", "loss"),
-    "cls_auc": ("ROC AUC (infected)", "AUC"),
-    "cls_acc": ("Accuracy", "accuracy"),
-    "cls_precision": ("Precision (infected)", "precision"),
-    "cls_recall": ("Recall (infected)", "recall"),
-    "cls_f1": ("F1 (infected)", "F1"),
-    "reg_mae": ("Time MAE", "MAE (hours)"),
-    "reg_rmse": ("Time RMSE", "RMSE (hours)"),
-    "reg_mse": ("Time MSE", "MSE (hours²)"),
-    "reg_mae_infected": ("Time MAE, infected", "MAE (hours)"),
-    "reg_mae_uninfected": ("Time MAE, uninfected", "MAE (hours)"),
-    "reg_slope_infected": ("Time slope within infected stacks", "slope (1 = follows the clock)"),
-    "reg_slope_uninfected": ("Time slope within uninfected stacks", "slope (1 = follows the clock)"),
-    "lr": ("Learning rate", "learning rate"),
-}
-
 
 def new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), dpi=DPI)
@@ -81,14 +60,6 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _split_key(key: str) -> tuple[str | None, str]:
-    """'val_cls_auc' -> ('val', 'cls_auc'); 'lr' -> (None, 'lr')."""
-    for split in ("train", "val"):
-        if key.startswith(split + "_"):
-            return split, key[len(split) + 1 :]
-    return None, key
-
-
 def _finite(value: object) -> bool:
     return (
         isinstance(value, (int, float, np.integer, np.floating))
@@ -97,75 +68,56 @@ def _finite(value: object) -> bool:
     )
 
 
-def _quantity_order(base: str) -> tuple[int, int, str]:
-    """Losses first (in LOSS_NAMES order), then metrics as known, then anything else, learning rate last."""
-    known = list(_QUANTITY_LABELS)
-    if base == "lr":
-        return (3, 0, base)
-    if base in LOSS_NAMES:
-        return (0, LOSS_NAMES.index(base), base)
-    if base in known:
-        return (1, known.index(base), base)
-    return (2, 0, base)
+# The learning-curve panels a user reads: (title, y label, (history key, legend label) pairs, direction of better).
+CURVE_PANELS: tuple[tuple[str, str, tuple[tuple[str, str], ...], str | None], ...] = (
+    ("Loss", "loss", (("train_total_loss", "train"), ("val_total_loss", "val")), "min"),
+    ("Infection: validation ROC AUC", "AUC", (("val_cls_auc", "val"),), "max"),
+    ("Time: validation MAE", "MAE (hours)", (("val_reg_mae", "all"), ("val_reg_mae_infected", "infected"),
+                                             ("val_reg_mae_uninfected", "uninfected")), "min"),
+    ("Time: slope within val stacks", "slope (1 = follows the clock)",
+     (("val_reg_slope_infected", "infected"), ("val_reg_slope_uninfected", "uninfected")), None),
+    ("Learning rate", "learning rate", (("lr", "lr"),), None),
+)
+_CURVE_COLORS = (COLOR_TRAIN, COLOR_VAL, "#009E73", "#CC79A7")
 
 
 def plot_learning_curves(history: Sequence[Mapping[str, float | None]], out_dir: Path) -> list[Path]:
-    """Write out_dir/learning_curves.png: one panel per logged quantity against epoch.
-
-    history: one dict per epoch, e.g. {'epoch': 1, 'train_total_loss': .., 'val_cls_auc': .., 'lr': ..}.
-    train_X and val_X share a panel; None/NaN values are skipped; the best val epoch is marked. Returns the
-    written paths ([] when history has nothing to plot).
-    """
-    # base quantity -> split -> (epochs, values)
-    series: dict[str, dict[str | None, tuple[list[float], list[float]]]] = {}
-    for i, row in enumerate(history):
-        epoch = row.get("epoch")
-        x = float(epoch) if _finite(epoch) else float(i + 1)
-        for key, value in row.items():
-            if key == "epoch" or not _finite(value):
-                continue
-            split, base = _split_key(key)
-            xs, ys = series.setdefault(base, {}).setdefault(split, ([], []))
-            xs.append(x)
-            ys.append(float(value))  # type: ignore[arg-type]
-    if not series:
+    """Write out_dir/learning_curves.png: the CURVE_PANELS that have data, against epoch (the best value of a
+    panel's first validation line is starred). Internal quantities (RSS, epoch time, precision, ...) stay in
+    metrics.csv. Returns the written paths ([] when history has nothing to plot)."""
+    epochs = [float(r["epoch"]) if _finite(r.get("epoch")) else float(i + 1) for i, r in enumerate(history)]
+    panels = []
+    for title, ylabel, lines, better in CURVE_PANELS:
+        drawn = []
+        for key, label in lines:
+            pts = [(x, float(r[key])) for x, r in zip(epochs, history, strict=True) if _finite(r.get(key))]
+            if pts:
+                drawn.append((label, pts))
+        if drawn:
+            panels.append((title, ylabel, drawn, better))
+    if not panels:
         return []
-
-    bases = sorted(series, key=_quantity_order)
-    ncols = min(3, len(bases))
-    nrows = math.ceil(len(bases) / ncols)
-    fig = new_figure(5.0 * ncols, 3.8 * nrows)
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = new_figure(5.2 * ncols, 3.9 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, base in zip(axes[: len(bases)], bases, strict=True):
-        title, ylabel = _QUANTITY_LABELS.get(base, (base.replace("_", " "), base))
-        for split, (xs, ys) in series[base].items():
-            color = COLOR_VAL if split == "val" else COLOR_TRAIN
-            label = split if split is not None else None
-            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.8, color=color, label=label)
-            if split == "val" and ys:
-                try:
-                    direction = metric_direction(base)
-                except ValueError:
-                    direction = None
-                if direction is not None:
-                    best = int(np.argmin(ys) if direction == "min" else np.argmax(ys))
-                    ax.plot(
-                        [xs[best]],
-                        [ys[best]],
-                        marker="*",
-                        markersize=13,
-                        color=color,
-                        linestyle="none",
-                        label=f"best val {ys[best]:.4g} (epoch {xs[best]:g})",
-                    )
-        if base == "lr" and all(y > 0 for _, ys in series[base].values() for y in ys):
+    for ax, (title, ylabel, drawn, better) in zip(axes, panels, strict=False):
+        for k, (label, pts) in enumerate(drawn):
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.8, color=_CURVE_COLORS[k % 4], label=label)
+        first_val = next(((lab, pts) for lab, pts in drawn if lab != "train"), None)
+        if better is not None and first_val is not None:
+            xs, ys = zip(*first_val[1], strict=True)
+            best = int(np.argmin(ys) if better == "min" else np.argmax(ys))
+            ax.plot([xs[best]], [ys[best]], marker="*", markersize=13, linestyle="none", color="black",
+                    label=f"best {ys[best]:.3g} (epoch {xs[best]:g})")
+        if title == "Learning rate" and all(y > 0 for _, pts in drawn for _, y in pts):
             ax.set_yscale("log")
         _style(ax, title, "epoch", ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=LEGEND_SIZE)
-    for ax in axes[len(bases) :]:
+        ax.legend(fontsize=LEGEND_SIZE)
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
     return [save_figure(fig, Path(out_dir) / LEARNING_CURVES)]
 
@@ -374,3 +326,25 @@ def plot_time_bins(bins: Sequence[Mapping[str, float | None]], path: Path) -> Pa
         ax_reg.legend(fontsize=LEGEND_SIZE)
     _style(ax_reg, "Time error over time", "hours since experiment start", "MAE (hours)")
     return save_figure(fig, Path(path))
+
+
+def plot_onset_per_stack(stacks: Sequence[Mapping], true_onset: Mapping[str, float], path: Path) -> Path | None:
+    """For every stack predicted infected whose true onset is known: the estimated `est_onset_hour` beside
+    the true one (hours since start), the stack's `onset_fit_slope` in its label (trust near 1). None when
+    no stack qualifies."""
+    rows = [r for r in stacks if r.get("est_onset_hour") is not None and r["stack_id"] in true_onset]
+    if not rows:
+        return None
+    rows = sorted(rows, key=lambda r: (true_onset[r["stack_id"]], r["stack_id"]))
+    fig = new_figure(max(5.0, 0.55 * len(rows) + 2.0), 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(rows))
+    ax.plot(x, [true_onset[r["stack_id"]] for r in rows], "s", color=COLOR_TRAIN, markersize=8, label="true onset")
+    ax.plot(x, [r["est_onset_hour"] for r in rows], "o", color=COLOR_INFECTED, markersize=8, label="estimated")
+    labels = [f"{r['stack_id']}\nslope {r['onset_fit_slope']:.2f}" if r.get("onset_fit_slope") is not None
+              else str(r["stack_id"]) for r in rows]
+    ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=8)
+    _style(ax, "Infection onset per stack", "", "hours since start")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=LEGEND_SIZE)
+    return save_figure(fig, path)
