@@ -72,9 +72,9 @@ def test_explain_cli_writes_montages_and_index(tmp_path, tiny_config, tiny_exper
     assert main(["explain", "--checkpoint", ckpt, "--manifest", str(three), "--out", str(out)]) == 0
     assert Path(capsys.readouterr().out.strip().splitlines()[-1]) == out / "index.html"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["s0.png", "s1.png", "s2.png"]
+    assert [p for p in pngs if p.startswith("s")] == ["s0.png", "s1.png", "s2.png"] and "plate.png" in pngs  # wells
     page = (out / "index.html").read_text()
-    assert all(f"src='{p}'" in page for p in pngs) and "most wrong" in page
+    assert all(f"src='{p}'" in page for p in pngs) and "most wrong" in page and "Plate view" in page
     stack = str(tiny_experiment.parent / "stacks" / "s1.tif")
     assert main(["explain", "--checkpoint", ckpt, stack, "--out", str(tmp_path / "one"), "--frames", "0", "5"]) == 0
     assert (tmp_path / "one" / "s1.png").is_file() and "chosen" in (tmp_path / "one" / "index.html").read_text()

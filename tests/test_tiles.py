@@ -111,7 +111,10 @@ def test_a_tile_model_end_to_end(capsys, tmp_path):
     assert [d.dim_value for d in graph.input[0].type.tensor_type.shape.dim][1:] == [2, 64, 64]
     assert main(["explain", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(manifest),
                  "--out", str(tmp_path / "ex")]) == 0
-    assert len(list((tmp_path / "ex").glob("*.png"))) == 8
+    assert len(list((tmp_path / "ex").glob("s*.png"))) == 8 and (tmp_path / "ex" / "plate.png").is_file()
+    assert len(list((tmp_path / "ex" / "maps").glob("*.png"))) == 8  # the tile map of every stack
+    page = (tmp_path / "ex" / "index.html").read_text()
+    assert "src='maps/s0.png'" in page and "src='plate.png'" in page
 
 
 @pytest.mark.slow

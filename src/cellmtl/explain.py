@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.patches import Patch
 from torch import nn
 
 from cellmtl.data.tiles import TileSpec, grid_tiles, tile_grid
@@ -67,11 +68,11 @@ def grad_cam(model: MultiTaskNet, x: torch.Tensor, head: str, sign: torch.Tensor
 
 def frame_cam(model: MultiTaskNet, image: torch.Tensor, head: str, sign: torch.Tensor | None, tiles: TileSpec | None,
               device: torch.device, chunk: int = 32) -> np.ndarray:
-    """One frame's Grad-CAM map `[H, W]` in [0, 1]. With tiles, every tile of the grid is explained as the model
-    saw it, the tile maps are placed where the tiles lie (overlaps averaged) and the frame's map is scaled to
-    its maximum, so tiles compare with each other."""
+    """One frame's Grad-CAM map `[H, W]`, unscaled (the caller scales a stack's maps together). With tiles,
+    every tile of the grid is explained as the model saw it and the tile maps are placed where the tiles lie
+    (overlaps averaged), so tiles compare with each other."""
     if tiles is None:
-        return grad_cam(model, image[None].to(device), head, sign).cpu().numpy()[0]
+        return grad_cam(model, image[None].to(device), head, sign, normalise=False).cpu().numpy()[0]
     grid, (rows, cols) = grid_tiles(image, tiles)
     ys, xs = tile_grid(image.shape[1], image.shape[2], tiles)
     parts = []
@@ -87,9 +88,7 @@ def frame_cam(model: MultiTaskNet, image: torch.Tensor, head: str, sign: torch.T
         h, w = total[y:y + size, x:x + size].shape
         total[y:y + size, x:x + size] += maps[k, :h, :w]
         count[y:y + size, x:x + size] += 1
-    cam = total / count.clamp_min(1)
-    peak = cam.max()
-    return (cam / peak if peak > 0 else torch.zeros_like(cam)).numpy()
+    return (total / count.clamp_min(1)).numpy()
 
 
 def pick_frames(
@@ -117,14 +116,17 @@ def pick_frames(
 
 
 def plot_montage(
-    rows: Sequence[dict], path: Path, heads: Sequence[str]
+    rows: Sequence[dict], path: Path, heads: Sequence[str], channel_names: Sequence[str]
 ) -> Path:
-    """One row per frame: the input channels, then each head's heat map over them."""
-    from cellmtl.reports.plots import new_figure, save_figure
+    """One row per frame: the input channels (a legend names each channel's colour), then each head's heat map
+    over them, with a colour bar (the maps of one stack share one scale, so its frames compare)."""
+    from cellmtl.reports.images import CHANNEL_COLORS
+    from cellmtl.reports.plots import new_figure
 
     titles = {"infected": "Grad-CAM: infection", "time": "Grad-CAM: time"}
     ncols = 1 + len(heads)
-    fig = new_figure(2.6 * ncols, 2.7 * len(rows))
+    fig = new_figure(2.8 * ncols + 0.9, 2.8 * len(rows) + 0.6)
+    shown = None
     for r, row in enumerate(rows):
         rgb = composite(row["image"])
         for c in range(ncols):
@@ -134,10 +136,24 @@ def plot_montage(
             if c == 0:
                 ax.set_title(row["caption"], fontsize=7, loc="left")
             else:
-                ax.imshow(row["cams"][heads[c - 1]], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0,
-                          interpolation="bilinear")
+                shown = ax.imshow(row["cams"][heads[c - 1]], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0,
+                                  interpolation="bilinear")
                 ax.set_title(titles[heads[c - 1]], fontsize=8)
-    return save_figure(fig, path)
+    n = len(channel_names)
+    colours = ["#808080"] if n == 1 else [CHANNEL_COLORS[k % len(CHANNEL_COLORS)] for k in range(n)]
+    handles = [Patch(color=colours[k if n > 1 else 0], label=name) for k, name in enumerate(channel_names)]
+    fig.legend(handles=handles, loc="upper left", ncol=min(n, 4), fontsize=8, frameon=False,
+               title="image channels", title_fontsize=8)
+    fig.subplots_adjust(left=0.02, right=0.86, top=1 - 0.85 / (2.8 * len(rows) + 0.6), bottom=0.02, wspace=0.05,
+                        hspace=0.35)
+    if shown is not None:
+        bar = fig.colorbar(shown, cax=fig.add_axes((0.89, 0.1, 0.02, 0.7)))
+        bar.set_label("Grad-CAM evidence (0 to the stack's maximum)", fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    fig.clear()
+    return path
 
 
 def caption(sid: str, frame: int, hours: float, roles: list[str], prob: float | None, t_pred: float | None,
@@ -163,7 +179,13 @@ def write_index(out: Path, entries: Sequence[dict]) -> Path:
              "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}td,th{padding:2px 8px}</style>",
              "<h1>cellmtl explain: Grad-CAM on the last shared block</h1>",
              "<p>Red = regions that raise the output (infection: evidence for the predicted class; time: "
-             "evidence for a later time). Each map is scaled to its own maximum.</p><ul>"]
+             "evidence for a later time). The maps of one stack share one scale (its maximum), shown by the colour "
+             "bar; the legend names each image channel's colour.</p>"]
+    views = [(name, title) for name, title in (("plate.png", "Plate view"), ("onset_per_stack.png",
+                                                                                "Onset per stack"))
+             if (out / name).is_file()]
+    parts += [f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>" for name, title in views]
+    parts.append("<ul>")
     parts += [f"<li><a href='#{html.escape(e['anchor'])}'>{html.escape(e['stack_id'])}</a></li>" for e in entries]
     parts.append("</ul>")
     for e in entries:
@@ -172,6 +194,9 @@ def write_index(out: Path, entries: Sequence[dict]) -> Path:
         parts += [f"<tr><td>{f}</td><td>{h:g}</td><td>{html.escape(', '.join(r))}</td></tr>"
                   for f, h, r in e["frames"]]
         parts.append(f"</table><img src='{html.escape(e['png'])}' alt='{html.escape(e['stack_id'])}'>")
+        if (out / "maps" / e["png"]).is_file():
+            png, sid = html.escape(e["png"]), html.escape(e["stack_id"])
+            parts.append(f"<h3>Tile map</h3><img src='maps/{png}' alt='map {sid}'>")
     path = out / "index.html"
     write_text(path, "\n".join(parts) + "\n")
     return path
@@ -193,7 +218,7 @@ def explain(
     frame numbers of every stack instead of the default picks (see `pick_frames`)."""
     from cellmtl.checkpoints import config_from_checkpoint, model_from_checkpoint
     from cellmtl.engine import run_model
-    from cellmtl.predict import new_stacks_dataset
+    from cellmtl.predict import new_stacks_dataset, write_stack_views
     from cellmtl.runtime import make_loader, pick_device
 
     ckpt, records, ds = new_stacks_dataset(checkpoint, manifest, paths, frame_interval_hours)
@@ -212,9 +237,12 @@ def explain(
     dev = pick_device(device)
     model = model_from_checkpoint(ckpt).to(dev)
     preds = run_model(model, make_loader(ds, batch_size=batch_size, num_workers=0, device=dev), dev,
-                      progress=progress, desc="explain")
+                      progress=progress, desc="explain", keep_maps=ds.tiles is not None)
     heads = [h for h, p in (("infected", preds.prob), ("time", preds.time_pred)) if p is not None]
     out = Path(out)
+    write_stack_views(out, ds, preds, records, max_maps=len(records))  # plate view, onset, tile maps
+    channel_names = ckpt.get("channel_names") or [f"channel {c}" for c in ckpt["channels"]]
+    channel_names = list(channel_names) * (model.spec.in_chans // max(len(channel_names), 1))
     out.mkdir(parents=True, exist_ok=True)
     entries = []
     wanted = set(frames or ())
@@ -237,6 +265,9 @@ def explain(
                 if head == "infected":  # explain the evidence for the class predicted for the frame
                     sign = torch.tensor([1.0 if preds.prob[i] >= 0.5 else -1.0])  # type: ignore[index]
                 cams[head].append(frame_cam(model, images[j], head, sign, ds.tiles, dev))
+        for head in heads:  # one scale per stack and head: the frames shown compare with each other
+            peak = max(float(c.max()) for c in cams[head])
+            cams[head] = [c / peak if peak > 0 else c for c in cams[head]]
         rows = []
         for j, i in enumerate(sel):
             rows.append({
@@ -248,7 +279,7 @@ def explain(
                                    int(index.infected[i]), float(index.time_target[i])),
             })
         stem = file_stem(rec.stack_id)
-        png = plot_montage(rows, out / f"{stem}.png", heads)
+        png = plot_montage(rows, out / f"{stem}.png", heads, channel_names)
         entries.append({"stack_id": rec.stack_id, "anchor": stem, "png": png.name,
                         "frames": [(int(index.frame[i]), float(index.hours[i]), chosen[i]) for i in sel]})
     return write_index(out, entries)
