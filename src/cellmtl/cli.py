@@ -74,8 +74,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.config is None and args.resume is None:
         raise BadInputError("train needs --config CFG (or --resume RUN_DIR_OR_CKPT)")
-    cfg = None if args.resume is not None else load_config(args.config, args.overrides)
-    run_dir = train(cfg, resume=args.resume, overrides=args.overrides)
+    overrides = args.overrides + ([f"training.device={args.device}"] if args.device else [])
+    cfg = None if args.resume is not None else load_config(args.config, overrides)
+    run_dir = train(cfg, resume=args.resume, overrides=overrides)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0, not one per process
         print(run_dir)
     return 0
@@ -89,7 +90,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
         raise BadInputError("cv needs --config CFG --folds K (or --resume CV_DIR)")
     if args.resume is not None and (args.config is not None or args.overrides):
         raise BadInputError("cv --resume CV_DIR uses that cross-validation's own config; drop --config/--set")
-    cfg = None if args.resume is not None else load_config(args.config, args.overrides)
+    overrides = args.overrides + ([f"training.device={args.device}"] if args.device else [])
+    cfg = None if args.resume is not None else load_config(args.config, overrides)
     print(run_cv(cfg, folds=args.folds, seeds=args.seeds, resume=args.resume))
     return 0
 
@@ -98,7 +100,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from cellmtl.compare import compare
     from cellmtl.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + ([f"training.device={args.device}"] if args.device else []))
     print(compare(cfg, args.seeds, strategies=args.strategies))
     return 0
 
@@ -143,7 +145,7 @@ def cmd_manifest(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from cellmtl.evaluation.evaluate import evaluate_run
 
-    out = evaluate_run(args.run, checkpoint=args.checkpoint, split=args.split, top_k=args.top_k)
+    out = evaluate_run(args.run, checkpoint=args.checkpoint, split=args.split, top_k=args.top_k, device=args.device)
     print(out)
     return 0
 
@@ -207,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a YAML config; prints the run folder")
     _add_config_args(p, required=False)
     p.add_argument("--resume", type=Path, help="run folder or checkpoint to continue (same folder)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (same as --set training.device=...)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("cv", help="grouped, stratified k-fold cross-validation; prints the cv folder")
@@ -214,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--folds", type=int, help="number of folds K (whole groups per fold, both classes in each)")
     p.add_argument("--seeds", type=int, default=1, help="train each fold with N seeds (config seed, +1, ...)")
     p.add_argument("--resume", type=Path, help="a cv folder to continue (only folds without results.json train)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (same as --set training.device=...)")
     p.set_defaults(func=cmd_cv)
 
     p = sub.add_parser("evaluate", help="metrics and plots of a trained run on a split")
@@ -222,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--top-k", type=int, default=12,
                    help="error review: the K worst classification and K worst time predictions (errors_<split>.*)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (default: the run's training.device)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict infection and time for new stacks")
@@ -274,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", nargs="+", metavar="S", default=None,
                    help="compare training strategies on the config's task instead of task modes: scratch (the same "
                    "network from random weights), finetune, probe, lp_ft; e.g. --strategies scratch probe lp_ft")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (same as --set training.device=...)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("manifest", help="write a manifest from per-image files (plate imagers) and a plate map")

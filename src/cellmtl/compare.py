@@ -27,6 +27,7 @@ from cellmtl.config import CLS_METRICS, REG_METRICS, Config, config_from_dict, c
 from cellmtl.errors import BadInputError, TrainingError
 from cellmtl.fileio import write_csv, write_text
 from cellmtl.metrics import LOWER_IS_BETTER, SLOPE_METRICS
+from cellmtl.runtime import Countdown
 
 MODES = ("multitask", "classification", "regression")
 STRATEGIES = ("scratch", "finetune", "probe", "lp_ft")  # scratch: finetune from random weights
@@ -111,6 +112,7 @@ def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None,
     runs_dir = folder / "runs"
     rows: list[dict[str, Any]] = []
     splits: dict[str, str] | None = None
+    countdown = Countdown("compare", seeds * len(arms))
     for k in range(seeds):
         seed = cfg.seed + k
         first_run: Path | None = None
@@ -124,12 +126,14 @@ def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None,
                 raise TrainingError(f"compare: run {run} used a different split than the first run")
             first_run = first_run or run
             rows.append(result_row(arm, seed, run, json.loads((run / "results.json").read_text())))
-            print(f"compare: {arm} seed {seed} done: {run}", file=sys.stderr)
+            countdown.step(f"{arm} seed {seed}: {run}")
         assert first_run is not None
         rows.append(result_row(CLASSICAL, seed, None, classical_results(first_run, seed)))
     write_csv(rows, folder / "comparison.csv")  # columns in first-seen order; None and missing -> ""
-    write_text(folder / "comparison.md", markdown_summary(rows, splits or {}, arms=arms))
+    table = markdown_summary(rows, splits or {}, arms=arms)
+    write_text(folder / "comparison.md", table)
     plot_comparison(rows, folder / "comparison.png")
+    print(table, file=sys.stderr)  # the answer on the terminal, not only in a file
     return folder
 
 

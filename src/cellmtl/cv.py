@@ -32,6 +32,7 @@ from cellmtl.engine import read_prediction_rows
 from cellmtl.errors import BadInputError
 from cellmtl.fileio import write_csv, write_json, write_text
 from cellmtl.metrics import compute_metrics
+from cellmtl.runtime import Countdown
 from cellmtl.training import train
 
 PLAN = "cv_plan.json"
@@ -199,6 +200,9 @@ def run_cv(
             plan = make_plan(cfg, folds, seeds)
             cv_dir.mkdir(parents=True, exist_ok=True)
             write_json(cv_dir / PLAN, plan)
+    todo = [(f, k) for f in range(1, plan["folds"] + 1) for k in range(len(plan["seeds"]))
+            if finished_run(cv_dir / run_name(f, k, len(plan["seeds"]))) is None]
+    countdown = Countdown("cv", len(todo))
     for fold in range(1, plan["folds"] + 1):
         for seed_no in range(len(plan["seeds"])):
             folder = cv_dir / run_name(fold, seed_no, len(plan["seeds"]))
@@ -212,9 +216,11 @@ def run_cv(
                     shutil.rmtree(stale)
                     print(f"cv: removed {stale} (stopped before its first epoch ended)", file=sys.stderr)
                 run_dir = train(fold_config(plan["config"], plan, cv_dir, fold, seed_no))
+            countdown.step(f"fold {fold} seed {plan['seeds'][seed_no]}")
             if on_fold_done is not None:
                 on_fold_done(fold, plan["seeds"][seed_no], run_dir)
-    write_summary(cv_dir, plan)
+    summary = write_summary(cv_dir, plan)
+    print(summary_markdown(summary), file=sys.stderr)  # the answer on the terminal, not only in a file
     return cv_dir
 
 

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import csv
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
 from cellmtl.data.manifest import StackRecord
 from cellmtl.losses import MultiTaskLoss
 from cellmtl.metrics import compute_metrics, interval_coverage
 from cellmtl.models import MultiTaskNet
-from cellmtl.runtime import autocast_ctx
+from cellmtl.runtime import autocast_ctx, progress_bar
 
 
 @dataclass
@@ -88,7 +86,7 @@ def run_model(
     maps: list[np.ndarray] = []
     n = 0
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    for batch in tqdm(loader, desc=desc, leave=False, disable=not progress, file=sys.stderr):
+    for batch in progress_bar(loader, desc=desc, enabled=progress):
         images = batch["image"]
         if "grid" in batch:  # tile grids: one frame at a time, its tiles in chunks of the loader's batch size
             for tiles, grid in zip(images, batch["grid"], strict=True):

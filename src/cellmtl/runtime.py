@@ -7,10 +7,14 @@ device and precision from here.
 from __future__ import annotations
 
 import os
+import sys
+import time
+from collections.abc import Iterable
 from contextlib import nullcontext
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
 
 from cellmtl.errors import BadInputError
 
@@ -92,3 +96,45 @@ def make_loader(
     )
 
 
+
+
+def interactive() -> bool:
+    """Is stderr a terminal? Progress bars redraw lines with `\\r`, which fills captured logs with residue; when
+    stderr is a file or a pipe, commands print plain lines instead."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
+                 enabled: bool = True, leave: bool = False) -> tqdm:
+    """A tqdm bar on stderr, drawn only when `enabled` and stderr is a terminal."""
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not (enabled and interactive()),
+                file=sys.stderr, dynamic_ncols=True)
+
+
+class Countdown:
+    """Plain progress lines for long commands made of several runs (cv folds x seeds, compare arms x seeds):
+    `step(what)` prints `cv: 3/6 done (fold 2 seed 1); about 4 min left`, the estimate from the mean so far."""
+
+    def __init__(self, name: str, total: int) -> None:
+        self.name, self.total, self.done, self.t0 = name, total, 0, time.perf_counter()
+
+    def step(self, what: str) -> str:
+        self.done += 1
+        left = (time.perf_counter() - self.t0) / self.done * (self.total - self.done)
+        eta = f"; about {format_duration(left)} left" if self.done < self.total else ""
+        line = f"{self.name}: {self.done}/{self.total} done ({what}){eta}"
+        print(line, file=sys.stderr)
+        return line
+
+
+def format_duration(seconds: float) -> str:
+    """45 s, 4 min, 1 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    return f"{int(minutes // 60)} h {int(minutes % 60):02d} min"

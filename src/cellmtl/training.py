@@ -52,7 +52,7 @@ from cellmtl.models import ModelSpec, MultiTaskNet, build_model, spec_from_confi
 from cellmtl.predict import write_stack_views
 from cellmtl.reports.html import write_report
 from cellmtl.reports.plots import write_run_plots
-from cellmtl.runtime import autocast_ctx, autocast_for, cpu_threads, make_loader, pick_device
+from cellmtl.runtime import autocast_ctx, autocast_for, cpu_threads, make_loader, pick_device, progress_bar
 from cellmtl.weighting import FixedWeighting, weighting_from_config
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
@@ -403,19 +403,18 @@ def bad_step(s: Setup, epoch: int, step: int, bad: int, stack_ids: list[str], wh
         )
 
 
-def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
+def train_one_epoch(s: Setup, loader, epoch: int, bar: tqdm | None = None) -> dict[str, float]:
     """One pass over the training split. A non-finite loss (on any rank, under DDP) or non-finite
     gradients skip the step without touching weights, optimizer state or BatchNorm statistics;
-    MAX_BAD_STEPS in a row stop the run, naming the epoch, step and stacks."""
+    MAX_BAD_STEPS in a row stop the run, naming the epoch, step and stacks. `bar`: the run's overall
+    progress bar (all epochs' steps, with the time left), advanced once per step."""
     s.model.train()
     net = s.train_model or s.model
     sums = {"total": 0.0, "cls": 0.0, "reg": 0.0}
     n, bad = 0, 0
     buffers = bn_buffers(s.model)
     memory_format = torch.channels_last if s.device.type == "cuda" else torch.contiguous_format
-    bar = tqdm(loader, desc=f"epoch {epoch}/{s.cfg.training.epochs}", leave=False,
-               disable=not s.cfg.training.progress or not s.ctx.is_main, file=sys.stderr)
-    for step, batch in enumerate(bar):
+    for step, batch in enumerate(loader):
         x = batch["image"].to(s.device, non_blocking=True).contiguous(memory_format=memory_format)
         infected = batch["infected"].to(s.device, non_blocking=True)
         has_time = batch["has_time"].to(s.device, non_blocking=True)
@@ -455,7 +454,9 @@ def train_one_epoch(s: Setup, loader, epoch: int) -> dict[str, float]:
         for k in sums:
             sums[k] += float(losses[k].detach()) * b  # a sync per step; negligible next to the step itself
         n += b
-        bar.set_postfix(loss=f"{sums['total'] / n:.4f}")
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(epoch=f"{epoch}/{s.cfg.training.epochs}", loss=f"{sums['total'] / n:.4f}")
     totals = distributed.all_sum([*sums.values(), float(n)], s.ctx, s.device)  # under DDP: every rank's samples
     return {f"train_{k}_loss": v / max(totals[-1], 1) for k, v in zip(sums, totals, strict=False)}
 
@@ -551,6 +552,8 @@ def fit(s: Setup) -> dict[str, Any]:
     sampler, train_loader, val_loader, calib_loader = build_loaders(s)
     ckpt_dir = s.run_dir / "checkpoints"
     stale = s.start_epoch - s.best_epoch
+    bar = progress_bar(total=(cfg.training.epochs - s.start_epoch) * len(train_loader), desc="train",
+                       enabled=cfg.training.progress and s.ctx.is_main)
     for epoch in range(s.start_epoch + 1, cfg.training.epochs + 1):
         if cfg.training.early_stopping_patience and stale >= cfg.training.early_stopping_patience:
             log.info("early stopping: no %s improvement for %d epochs", metric, stale)
@@ -560,7 +563,7 @@ def fit(s: Setup) -> dict[str, Any]:
         distributed.seed_rank(cfg.seed, epoch, s.ctx)
         lr = next(g["lr"] for g in s.optimizer.param_groups if g.get("name") != "backbone")  # the heads' lr
         weights = s.weighting.weights()  # the weights this epoch trained with (gradnorm: at its start)
-        train = train_one_epoch(s, train_loader, epoch)
+        train = train_one_epoch(s, train_loader, epoch, bar)
         s.weighting.end_epoch(train["train_cls_loss"], train["train_reg_loss"])
         # Under DDP every rank recalibrates on the same frames with the same weights: identical statistics.
         recalibrate_batchnorm(s.model, calib_loader, s.device, cfg.training.bn_recalibration_samples, s.amp_dtype)
@@ -578,6 +581,9 @@ def fit(s: Setup) -> dict[str, Any]:
         if improved or not s.best_epoch:  # the first epoch is kept even when its metric is undefined
             if improved:
                 log.info("✓ New best model! %s=%.4f", metric, val[metric])
+            else:
+                log.info("%s is undefined on this validation split (e.g. one class only); epoch %d is kept as "
+                         "best.pt until an epoch has a value", metric, epoch)
             s.best_epoch, stale = epoch, 0
         else:
             stale += 1
@@ -587,6 +593,7 @@ def fit(s: Setup) -> dict[str, Any]:
                 atomic_save(ckpt, ckpt_dir / "best.pt")
             atomic_save(ckpt, ckpt_dir / "last.pt")
             write_metrics_csv(s.history, s.run_dir / "metrics.csv")
+    bar.close()
     return finish(s)
 
 

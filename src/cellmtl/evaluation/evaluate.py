@@ -47,7 +47,8 @@ def checkpoint_path(run: Path, checkpoint: str) -> Path:
     return resolve_checkpoint(checkpoint)
 
 
-def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val", top_k: int = 12) -> Path:
+def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val", top_k: int = 12,
+                 device: str | None = None) -> Path:
     """Write `evaluation_<split>.json`, `predictions_<split>.csv`, plots and the error review
     (`errors_<split>.csv/.png`: the `top_k` worst frames per task) into the run folder; returns the JSON path."""
     run = Path(run)
@@ -64,7 +65,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     index = exp.index(split, getattr(cfg.data.frames, split), cfg.data.pre_onset, cfg.multitask.uninfected_time)
     intervals = [r.frame_interval_hours for r in exp.records]
     ds = checkpoint_dataset(ckpt, exp.infos, [r.stack_id for r in exp.records], index, intervals)
-    device = pick_device(cfg.training.device)
+    device = pick_device(device or cfg.training.device)
     model = model_from_checkpoint(ckpt).to(device)
     loader = make_loader(ds, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers, device=device)
     preds = run_model(model, loader, device, progress=cfg.training.progress, desc=f"evaluate {split}",
