@@ -176,9 +176,11 @@ def main() -> None:
     for k, v in res.items():
         print(f"{k}={v:.3f}" if k.startswith("eff") else f"{k}={v:.1f}")
     w, c = settings[0]
+    peak = (f" peak_gpu_mem_gb={torch.cuda.max_memory_allocated() / 1e9:.2f}" if torch.cuda.is_available()
+            and args.device != "cpu" else "")
     print(f"pipeline_efficiency={res[f'efficiency[workers={w},cache={c}]']:.3f} "
           f"train_img_s={res[f'train_img_s[workers={w},cache={c}]']:.1f} model_img_s={res['model_img_s']:.1f} "
-          f"infer_img_s={res['infer_img_s']:.1f}")
+          f"infer_img_s={res['infer_img_s']:.1f}{peak}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from cellmtl.backbones import (
     rename_by_position,
     torchvision_trunk,
 )
-from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+from cellmtl.checkpoints import Checkpoint
 from cellmtl.cli import main
 from cellmtl.errors import BadInputError
 from cellmtl.models import ModelSpec, MultiTaskNet
@@ -122,13 +122,13 @@ def test_a_run_starts_from_a_cellmtl_checkpoint(tmp_path, tiny_experiment, capsy
     cfg = write_config(tmp_path / "a.yaml", tiny_experiment, training={"epochs": 1})
     assert main(["train", "--config", str(cfg)]) == 0
     first = Path(capsys.readouterr().out.strip().splitlines()[-1]) / "checkpoints" / "best.pt"
-    old = load_checkpoint(first)["model"]
+    old = Checkpoint.load(first).model
     # zero epochs of learning would be the same weights; one epoch at a tiny lr must start from them and stay close
     cfg2 = write_config(tmp_path / "b.yaml", tiny_experiment, model={"weights": str(first)},
                         training={"epochs": 1, "bn_recalibration_samples": 0}, optimizer={"lr": 1e-9})
     assert main(["train", "--config", str(cfg2)]) == 0
     second = Path(capsys.readouterr().out.strip().splitlines()[-1]) / "checkpoints" / "best.pt"
-    new = load_checkpoint(second)["model"]
+    new = Checkpoint.load(second).model
     for key in ("backbone.layer3.0.conv1.weight", "cls_head.3.weight", "time_head.0.weight"):
         torch.testing.assert_close(new[key], old[key], atol=1e-6, rtol=0)
     fresh = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=16)).state_dict()
@@ -150,10 +150,10 @@ def test_pretrained_input_statistics_are_in_the_checkpoint_and_the_onnx_graph(tm
                        str(imagenet_weights), "head_hidden": None}, training={"strategy": "probe"})
     assert main(["train", "--config", str(cfg)]) == 0
     run = Path(capsys.readouterr().out.strip().splitlines()[-1])
-    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
-    spec = ckpt["model_spec"]
-    assert spec["input_mean"] == pytest.approx([0.485, 0.456]) and spec["input_std"] == pytest.approx([0.229, 0.224])
-    model = model_from_checkpoint(ckpt)
+    ckpt = Checkpoint.load(run / "checkpoints" / "best.pt")
+    spec = ckpt.model_spec
+    assert spec.input_mean == pytest.approx([0.485, 0.456]) and spec.input_std == pytest.approx([0.229, 0.224])
+    model = ckpt.network()
     x = torch.rand(3, 2, 32, 32)
     with torch.no_grad():
         ref = model(x)
@@ -193,7 +193,9 @@ def test_checkpoints_from_before_the_factory_still_load():
     old_spec = {k: v for k, v in m.spec.to_dict().items()
                 if k in ("name", "in_chans", "mode", "dropout", "head_hidden", "time_head", "time_nll")}
     assert not any("input_" in k for k in m.state_dict())
-    again = model_from_checkpoint({"model": m.state_dict(), "model_spec": old_spec})
+    again = MultiTaskNet(ModelSpec.from_dict(old_spec))
+    again.load_state_dict(m.state_dict())
+    again.eval()
     x = torch.rand(2, 2, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(again(x)["time_per_class"], m(x)["time_per_class"])

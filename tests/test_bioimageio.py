@@ -12,8 +12,9 @@ import pytest
 import tifffile
 import torch
 
+from cellmtl.checkpoints import Checkpoint
 from cellmtl.cli import main
-from cellmtl.config import config_to_dict, load_config
+from cellmtl.config import load_config
 from cellmtl.data.transforms import Normalizer
 from cellmtl.models import ModelSpec, build_model
 
@@ -27,17 +28,10 @@ def tiny_checkpoint(tmp_path: Path, config: Path) -> Path:
     torch.manual_seed(0)
     model = build_model(ModelSpec(name="resnet18", in_chans=2, mode="multitask", head_hidden=16)).eval()
     model.set_time_scaling(6.0, 3.0)
-    ckpt = {
-        "model": model.state_dict(),
-        "model_spec": model.spec.to_dict(),
-        "config": config_to_dict(load_config(config)),
-        "normalizer": Normalizer("per_image", (1.0, 99.8)).to_dict(),
-        "channels": [0, 1],
-        "image_size": 32,
-    }
-    path = tmp_path / "tiny.pt"
-    torch.save(ckpt, path)
-    return path
+    ckpt = Checkpoint(model=model.state_dict(), model_spec=model.spec, config=load_config(config),
+                      normalizer=Normalizer("per_image", (1.0, 99.8)), channels=(0, 1), channel_names=None,
+                      channel_luts=None, splits={}, epoch=0, run_id="untrained")
+    return ckpt.save(tmp_path / "tiny.pt")
 
 
 def test_bioimageio_package_passes_test_model_and_matches_predict(tiny_config, tmp_path, capsys, caplog):
@@ -74,7 +68,7 @@ def test_bioimageio_package_passes_test_model_and_matches_predict(tiny_config, t
 
 def test_dataset_normaliser_becomes_scale_linear():
     """`dataset` mode is declared as per-channel scale_linear; applied by hand it equals the Normalizer."""
-    from cellmtl.bioimage_package import preprocessing
+    from cellmtl.export.bioimageio import preprocessing
 
     norm = Normalizer("dataset", (1.0, 99.0), lo=(100.0, 120.0), hi=(900.0, 5000.0))
     steps = preprocessing(norm)
@@ -113,10 +107,10 @@ def test_export_fails_loudly_when_its_package_does_not_reproduce_cellmtl(
 ):
     """A package whose test output disagrees with what its weights compute must not be reported as exported:
     exit 1, one error line naming the failed test_model check, and the package left for inspection."""
-    from cellmtl import bioimage_package
+    from cellmtl.export import bioimageio
 
-    true_output = bioimage_package.reference_output
-    monkeypatch.setattr(bioimage_package, "reference_output", lambda *a: true_output(*a) + 0.5)
+    true_output = bioimageio.reference_output
+    monkeypatch.setattr(bioimageio, "reference_output", lambda *a: true_output(*a) + 0.5)
     ckpt = tiny_checkpoint(tmp_path, tiny_config)
     code = main(["export", "--checkpoint", str(ckpt), "--format", "bioimageio", "--out", str(tmp_path / "p")])
     err = capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +42,13 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
 
     ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["channels"] == [0, 1] and ckpt["image_size"] == 32
+    assert ckpt["epoch"] == 2 and ckpt["channels"] == [0, 1] and ckpt["config"]["data"]["image_size"] == 32
     assert ckpt["normalizer"]["mode"] == "dataset" and len(ckpt["normalizer"]["lo"]) == 2
     assert set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best_metric", "splits"}
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert "optimizer" not in best and best["metrics"]["cls_auc"] is not None  # the model and what feeds it
+    assert not list((run / "checkpoints").glob("*.prev.pt")) and not list((run / "checkpoints").glob(".*"))
+    assert (run / "checkpoints" / "best.pt").stat().st_mode & 0o044, "readable by colleagues (the umask's mode)"
 
     results = json.loads((run / "results.json").read_text())
     assert results["history_length"] == 2 and 1 <= results["best_epoch"] <= 2
@@ -92,8 +97,9 @@ def test_train_resume_evaluate_predict(capsys, tiny_config, tiny_experiment, tmp
     times = [float(r["error"]) for r in errors if r["kind"] == "time"]
     assert len(times) == 3 and times == sorted(times, reverse=True)
     report = (run / "report.html").read_text()
-    assert "Evaluation: test" in report and "Training results" in report
-    assert report.count("data:image/png;base64,") == len(list(run.glob("*.png")) + list(run.rglob("plots/**/*.png")))
+    assert "Evaluation of the test split" in report and "Training results" in report and "At a glance" in report
+    images = re.findall(r'src="(data:image/png;base64,[^"]+)"', report)
+    assert len(images) >= 5 and len(set(images)) == len(images)  # every figure once
 
     pred_csv = tmp_path / "pred.csv"
     cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(tiny_experiment),
@@ -173,13 +179,13 @@ def test_export_onnx_matches_pytorch(capsys, tiny_config, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     import numpy as np
 
-    from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+    from cellmtl.checkpoints import Checkpoint
 
     run = Path(cli(capsys, "train", "--config", str(tiny_config), "--set", "training.epochs=1"))
     ckpt_path = run / "checkpoints" / "best.pt"
     out = Path(cli(capsys, "export", "--checkpoint", str(ckpt_path), "--format", "onnx", "--out",
                    str(tmp_path / "m.onnx")))
-    model = model_from_checkpoint(load_checkpoint(ckpt_path))
+    model = Checkpoint.load(ckpt_path).network()
     x = torch.randn(3, 2, 32, 32)
     with torch.no_grad():
         ref = model(x)

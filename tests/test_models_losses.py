@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cellmtl.checkpoints import atomic_save, load_checkpoint
+from cellmtl.checkpoints import Checkpoint
 from cellmtl.errors import BadInputError
 from cellmtl.losses import MultiTaskLoss
 from cellmtl.models import ModelSpec, MultiTaskNet, adapt_conv_weight
@@ -89,17 +89,24 @@ def test_loss_without_time_targets_is_finite_and_pos_weight():
     assert weighted["cls"].item() == pytest.approx(3 * math.log(2), rel=1e-5)
 
 
-def test_atomic_save_and_weights_only_load(tmp_path):
+def test_checkpoint_round_trip_atomic_and_weights_only(tmp_path):
+    from cellmtl.config import config_from_dict
+    from cellmtl.data.transforms import Normalizer
+
     m = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=8))
-    ckpt = {"model": m.state_dict(), "model_spec": m.spec.to_dict(), "history": [{"epoch": 1, "val_cls_auc": None}]}
+    cfg = config_from_dict({"data": {"manifest": "m.csv", "tile_size": 64}})
+    ckpt = Checkpoint(model=m.state_dict(), model_spec=m.spec, config=cfg, normalizer=Normalizer("per_image", (1, 99)),
+                      channels=(0, 1), channel_names=("DAPI", "GFP"), channel_luts=None, splits={"a": "train"},
+                      epoch=3, run_id="r", metrics={"cls_auc": None})
     path = tmp_path / "c" / "best.pt"
-    atomic_save(ckpt, path)
-    atomic_save(ckpt, path)  # overwrite in place
-    assert sorted(p.name for p in path.parent.iterdir()) == ["best.prev.pt", "best.pt"]  # no temp files left
-    loaded = load_checkpoint(path)
-    assert loaded["history"] == ckpt["history"]
+    ckpt.save(path)
+    ckpt.save(path)  # overwrite in place
+    assert [p.name for p in path.parent.iterdir()] == ["best.pt"]  # no temp or previous files left
+    raw = torch.load(path, weights_only=True)
+    assert "image_size" not in raw and "tiles" not in raw and "time_shift" not in raw  # each field once
+    loaded = Checkpoint.load(path)
+    assert (loaded.channels, loaded.channel_names, loaded.epoch, loaded.input_size) == ((0, 1), ("DAPI", "GFP"), 3, 64)
+    assert loaded.tiles.size == 64 and loaded.resume is None and loaded.model_spec == m.spec
     path.write_bytes(b"garbage")
-    assert load_checkpoint(path)["history"] == ckpt["history"]  # the kept previous one
-    (path.parent / "best.prev.pt").write_bytes(b"garbage")
     with pytest.raises(BadInputError, match="could not be read"):
-        load_checkpoint(path)
+        Checkpoint.load(path)

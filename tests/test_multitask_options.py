@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from cellmtl.checkpoints import load_checkpoint
+from cellmtl.checkpoints import Checkpoint
 from cellmtl.config import config_from_dict, load_config
 from cellmtl.data.dataset import context_frames, context_offsets
 from cellmtl.data.targets import time_targets
@@ -119,12 +119,12 @@ def test_options_train_an_epoch_and_are_recorded(sections, tmp_path, tiny_experi
     for section, values in sections.items():
         for k, v in values.items():
             assert recorded[section][k] == v
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    ckpt = Checkpoint.load(run / "checkpoints" / "last.pt")
     m = sections["multitask"]
-    assert ckpt["model_spec"]["time_head"] == m.get("time_head", "shared")
-    assert ckpt["model_spec"]["time_nll"] == (m["regression_loss"] == "gaussian_nll")
-    assert ckpt["weighting"]["name"] == m["weighting"]
-    assert ckpt["temporal_context_hours"] == sections.get("data", {}).get("temporal_context_hours")
+    assert ckpt.model_spec.time_head == m.get("time_head", "shared")
+    assert ckpt.model_spec.time_nll == (m["regression_loss"] == "gaussian_nll")
+    assert ckpt.resume.weighting["name"] == m["weighting"]
+    assert ckpt.temporal_context_hours == sections.get("data", {}).get("temporal_context_hours")
     row = next(csv.DictReader((run / "metrics.csv").open()))
     assert float(row["weight_cls"]) > 0 and float(row["weight_reg"]) > 0
     if "data" in sections:  # one combination suffices (and keeps the suite fast): predict and evaluate
@@ -132,7 +132,7 @@ def test_options_train_an_epoch_and_are_recorded(sections, tmp_path, tiny_experi
     # --resume restores the weighting's state
     s = setup(None, resume=run)
     try:
-        restored, saved = s.weighting.state_dict(), ckpt["weighting"]
+        restored, saved = s.weighting.state_dict(), ckpt.resume.weighting
         assert restored.keys() == saved.keys()
         for k, v in saved.items():
             if isinstance(v, torch.Tensor):
@@ -150,7 +150,8 @@ def check_predict_evaluate(run, tmp_path, manifest, m):
     import json
 
     from cellmtl.evaluation.evaluate import evaluate_run
-    from cellmtl.export import export
+    from cellmtl.export.bioimageio import export_bioimageio
+    from cellmtl.export.onnx import export_onnx
     from cellmtl.predict import predict
 
     out = predict(run / "checkpoints" / "best.pt", out=tmp_path / "pred.csv", manifest=manifest, progress=False)
@@ -158,7 +159,7 @@ def check_predict_evaluate(run, tmp_path, manifest, m):
     assert ("pred_time_std" in header) == (m["regression_loss"] == "gaussian_nll")
     metrics = json.loads(evaluate_run(run).read_text())["metrics"]
     assert ("reg_coverage90" in metrics) == (m["regression_loss"] == "gaussian_nll")
-    onnx_path = export(run / "checkpoints" / "best.pt", "onnx", tmp_path / "m.onnx")
+    onnx_path = export_onnx(run / "checkpoints" / "best.pt", tmp_path / "m.onnx")
     assert onnx_path.is_file()
     with pytest.raises(BadInputError, match="temporal_context_hours"):  # bioimage.io takes one image
-        export(run / "checkpoints" / "best.pt", "bioimageio", tmp_path / "m.zip")
+        export_bioimageio(run / "checkpoints" / "best.pt", tmp_path / "m.zip")

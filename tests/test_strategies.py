@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+from cellmtl.checkpoints import Checkpoint
 from cellmtl.cli import main
 from cellmtl.data.dataset import SampleIndex
 from cellmtl.models import ModelSpec, MultiTaskNet
@@ -81,9 +81,10 @@ def test_probe_run_end_to_end(capsys, tiny_experiment, tmp_path, imagenet_weight
     results = json.loads((run / "results.json").read_text())
     assert results["best_epoch"] == 1 and results["history_length"] == 1 and results["strategy"] == "probe"
     assert results["best"]["cls_auc"] is not None
-    ckpt = load_checkpoint(run / "checkpoints" / "best.pt")
-    spec = ckpt["model_spec"]
-    assert spec["head_hidden"] == 0 and spec["in_chans"] == 2 and len(spec["input_mean"]) == 2
+    ckpt = Checkpoint.load(run / "checkpoints" / "best.pt")
+    spec = ckpt.model_spec
+    assert spec.head_hidden == 0 and spec.in_chans == 2 and len(spec.input_mean) == 2
+    assert ckpt.resume is None  # best.pt: the model alone
     # the probe's heads, not a random init: they reproduce its val predictions
     with (run / "predictions_val.csv").open() as fh:
         val_preds = list(csv.DictReader(fh))
@@ -107,7 +108,7 @@ def test_probe_run_end_to_end(capsys, tiny_experiment, tmp_path, imagenet_weight
         "--out", str(onnx_path))
     import onnxruntime as ort
 
-    model = model_from_checkpoint(ckpt)
+    model = ckpt.network()
     x = torch.rand(2, 2, 32, 32)
     prob, _ = ort.InferenceSession(str(onnx_path)).run(None, {"image": x.numpy()})
     with torch.no_grad():
@@ -125,12 +126,12 @@ def test_lp_ft_starts_from_the_probe_and_fine_tunes(capsys, tiny_experiment, tmp
                        data={"temporal_context_hours": [-2, 0]})
     run = Path(cli(capsys, "train", "--config", str(cfg)))
     results = json.loads((run / "results.json").read_text())
-    spec = load_checkpoint(run / "checkpoints" / "best.pt")["model_spec"]
-    assert (spec["temporal_fusion"], spec["context_frames"], spec["in_chans"]) == ("features", 2, 4)
+    spec = Checkpoint.load(run / "checkpoints" / "best.pt").model_spec
+    assert (spec.temporal_fusion, spec.context_frames, spec.in_chans) == ("features", 2, 4)
     assert results["history_length"] == 2 and results["strategy"] == "lp_ft"
     assert "logistic_C" in results["probe"] and "cls_auc" in results["probe"]["val"]
-    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    groups = ckpt["optimizer"]["param_groups"]
+    ckpt = Checkpoint.load(run / "checkpoints" / "last.pt")
+    groups = ckpt.resume.optimizer["param_groups"]
     assert [g["name"] for g in groups] == ["backbone", "heads"]
     assert groups[0]["initial_lr"] == pytest.approx(0.1 * groups[1]["initial_lr"])  # backbone_lr_scale 0.1
 

@@ -80,7 +80,7 @@ def test_a_tile_model_end_to_end(capsys, tmp_path):
     assert main(["train", "--config", str(cfg)]) == 0
     run = Path(capsys.readouterr().out.strip().splitlines()[-1])
     ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
-    assert ckpt["tiles"]["size"] == 64 and ckpt["image_size"] == 64
+    assert ckpt["config"]["data"]["tile_size"] == 64 and "tiles" not in ckpt  # stored once, in the config
     with (run / "predictions_val.csv").open() as fh:
         val = list(csv.DictReader(fh))
     assert len(val) == 5 + 6  # one row per frame, not per tile (the infected stack drops its pre-onset frame)

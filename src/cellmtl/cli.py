@@ -176,9 +176,11 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from cellmtl.export import export
-
-    print(export(args.checkpoint, args.format, args.out))
+    if args.format == "onnx":
+        from cellmtl.export.onnx import export_onnx as export
+    else:
+        from cellmtl.export.bioimageio import export_bioimageio as export
+    print(export(args.checkpoint, args.out))
     return 0
 
 

@@ -164,22 +164,22 @@ def classical_results(mt_run: Path, seed: int) -> dict[str, Any]:
 
     from sklearn.ensemble import RandomForestClassifier, RandomForestRegressor
 
-    from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint
+    from cellmtl.checkpoints import Checkpoint
     from cellmtl.data.dataset import load_experiment
     from cellmtl.metrics import compute_metrics
     from cellmtl.training import split_indices
 
     t0 = time.perf_counter()
-    ckpt = load_checkpoint(mt_run / "checkpoints" / "best.pt")
-    run_cfg = config_from_checkpoint(ckpt)
-    exp = load_experiment(run_cfg, splits=ckpt["splits"], ckpt=ckpt)
+    ckpt = Checkpoint.load(mt_run / "checkpoints" / "best.pt")
+    run_cfg = ckpt.config
+    exp = load_experiment(run_cfg, splits=ckpt.splits, trained=ckpt.trained_channels)
     indices = split_indices(run_cfg, exp)
     ids = [r.stack_id for r in exp.records]
     intervals = [r.frame_interval_hours for r in exp.records]
     feats, index = {}, {}
     for split, idx in indices.items():
         if idx is not None:
-            feats[split] = dataset_features(checkpoint_dataset(ckpt, exp.infos, ids, idx, intervals))
+            feats[split] = dataset_features(ckpt.dataset(exp.infos, ids, idx, intervals))
             index[split] = idx
     y_cls = index["train"].infected.astype(int)
     y_t = index["train"].time_target

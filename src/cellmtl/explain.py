@@ -216,13 +216,12 @@ def explain(
 ) -> Path:
     """Montages `<out>/<stack_id>.png` and `<out>/index.html`; returns the index path. `frames`: these
     frame numbers of every stack instead of the default picks (see `pick_frames`)."""
-    from cellmtl.checkpoints import config_from_checkpoint, model_from_checkpoint
     from cellmtl.engine import run_model
     from cellmtl.predict import new_stacks_dataset, write_stack_views
     from cellmtl.runtime import make_loader, pick_device
 
     ckpt, records, ds = new_stacks_dataset(checkpoint, manifest, paths, frame_interval_hours)
-    cfg = config_from_checkpoint(ckpt)
+    cfg = ckpt.config
     index = ds.index
     if cfg.data.pre_onset != "keep":
         # Every frame is shown, but a pre-onset frame of an infected stack is not "wrong" for looking
@@ -235,13 +234,13 @@ def explain(
         if bad:
             raise BadInputError(f"explain --frames: frame {bad[0]} is in none of the stacks")
     dev = pick_device(device)
-    model = model_from_checkpoint(ckpt).to(dev)
+    model = ckpt.network().to(dev)
     preds = run_model(model, make_loader(ds, batch_size=batch_size, num_workers=0, device=dev), dev,
                       progress=progress, desc="explain", keep_maps=ds.tiles is not None)
     heads = [h for h, p in (("infected", preds.prob), ("time", preds.time_pred)) if p is not None]
     out = Path(out)
     write_stack_views(out, ds, preds, records, max_maps=len(records))  # plate view, onset, tile maps
-    channel_names = ckpt.get("channel_names") or [f"channel {c}" for c in ckpt["channels"]]
+    channel_names = list(ckpt.channel_names or [f"channel {c}" for c in ckpt.channels])
     channel_names = list(channel_names) * (model.spec.in_chans // max(len(channel_names), 1))
     out.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -10,7 +10,7 @@ import numpy as np
 from torch.utils.data import Subset
 
 from cellmtl import distributed
-from cellmtl.checkpoints import checkpoint_dataset, config_from_checkpoint, load_checkpoint, model_from_checkpoint
+from cellmtl.checkpoints import Checkpoint
 from cellmtl.config import FrameSelection
 from cellmtl.data.channels import checkpoint_channels
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset, probe_records, stack_index, with_file_times
@@ -99,12 +99,12 @@ def new_stacks_dataset(
     manifest: str | Path | None,
     paths: Sequence[Path],
     frame_interval_hours: float | None,
-) -> tuple[dict, list[StackRecord], TimeCourseDataset]:
+) -> tuple[Checkpoint, list[StackRecord], TimeCourseDataset]:
     """(checkpoint, records, dataset of every frame) for stacks the model has not seen, prepared as the
     checkpoint saw its training frames; labels optional. Shared by `predict` and `explain`, so both build
     the same input (channels, normalisation, temporal context) and the same targets."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_checkpoint(ckpt)
+    ckpt = Checkpoint.load(checkpoint)
+    cfg = ckpt.config
     interval = frame_interval_hours or cfg.data.frame_interval_hours
     if manifest is not None:
         records = load_manifest(manifest, default_interval=interval,
@@ -114,13 +114,13 @@ def new_stacks_dataset(
                                      else FROM_COMMAND_LINE)
     probed = probe_records(records)
     records = with_file_times(records, probed)
-    infos, _, _ = checkpoint_channels(records, probed, ckpt)
+    infos, _, _ = checkpoint_channels(records, probed, ckpt.trained_channels)
     # Every frame; pre-onset frames of labelled infected stacks get negative time targets.
     every = FrameSelection()
     ut = cfg.multitask.uninfected_time
     parts = [stack_index(r, i, k, every, "keep", ut) for k, (r, i) in enumerate(zip(records, infos, strict=True))]
     intervals = [r.frame_interval_hours for r in records]
-    ds = checkpoint_dataset(ckpt, infos, [r.stack_id for r in records], SampleIndex.concat(parts), intervals)
+    ds = ckpt.dataset(infos, [r.stack_id for r in records], SampleIndex.concat(parts), intervals)
     return ckpt, records, ds
 
 
@@ -228,7 +228,7 @@ def predict(
     ctx = distributed.init(device)
     try:
         dev = distributed.device_for(ctx, pick_device(device))
-        model = model_from_checkpoint(ckpt).to(dev)
+        model = ckpt.network().to(dev)
         positions = np.flatnonzero(ds.index.stack % ctx.world_size == ctx.rank)
         mine = ds if not ctx.enabled else Subset(ds, positions.tolist())
         loader = make_loader(mine, batch_size=batch_size, num_workers=num_workers, device=dev)

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cellmtl import distributed, probe
-from cellmtl.checkpoints import atomic_save, load_checkpoint, resolve_checkpoint
+from cellmtl.checkpoints import Checkpoint, ResumeState, resolve_checkpoint
 from cellmtl.config import Config, apply_overrides, config_from_dict, config_to_dict, dump_config
 from cellmtl.data.dataset import (
     EpochSampler,
@@ -48,7 +48,7 @@ from cellmtl.metrics import (
     format_metrics,
     metric_direction,
 )
-from cellmtl.models import ModelSpec, MultiTaskNet, build_model, spec_from_config, starting_weights
+from cellmtl.models import MultiTaskNet, build_model, spec_from_config, starting_weights
 from cellmtl.predict import write_stack_views
 from cellmtl.reports.html import write_report
 from cellmtl.reports.plots import write_run_plots
@@ -215,14 +215,18 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     ckpt = None
     if resume is not None:
         ckpt_path = resolve_checkpoint(resume, "last")
-        ckpt = load_checkpoint(ckpt_path)
-        cfg = config_from_dict(apply_overrides(ckpt["config"], overrides or []), f"{ckpt_path} (+ --set)")
+        ckpt = Checkpoint.load(ckpt_path)
+        if ckpt.resume is None:
+            raise BadInputError(f"checkpoint {ckpt_path} holds the model only (best.pt keeps no optimizer state); "
+                                "resume from the run folder or its checkpoints/last.pt")
+        cfg = config_from_dict(apply_overrides(config_to_dict(ckpt.config), overrides or []),
+                               f"{ckpt_path} (+ --set)")
         run_dir = ckpt_path.parent.parent
     if cfg is None:
         raise BadInputError("train needs --config (or --resume RUN_DIR_OR_CKPT)")
     torch.manual_seed(cfg.seed)
     ctx = distributed.init(cfg.training.device)
-    exp = load_experiment(cfg, splits=ckpt["splits"] if ckpt else None, ckpt=ckpt)
+    exp = load_experiment(cfg, splits=ckpt.splits if ckpt else None, trained=ckpt.trained_channels if ckpt else None)
     device = distributed.device_for(ctx, pick_device(cfg.training.device))
     if device.type == "cpu":
         procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.enabled else 1
@@ -230,7 +234,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     indices = split_indices(cfg, exp)
     train_index = indices["train"]
     assert train_index is not None  # split_indices guarantees a train split
-    normalizer = Normalizer.from_dict(ckpt["normalizer"]) if ckpt else build_normalizer(cfg, exp, train_index)
+    normalizer = ckpt.normalizer if ckpt else build_normalizer(cfg, exp, train_index)
     train_ds, val_ds, test_ds = datasets(cfg, exp, indices, normalizer)
     if cfg.data.cache == "memory":
         for ds in (train_ds, val_ds, test_ds):
@@ -244,7 +248,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
         start = starting_weights(cfg)
         model = build_model(spec_from_config(cfg, len(exp.channels), start), start=start)
     else:  # resume: the run's own network; its weights come from last.pt
-        model = MultiTaskNet(ModelSpec.from_dict(ckpt["model_spec"]))
+        model = MultiTaskNet(ckpt.model_spec)
     shift, scale = time_scaling(train_index, cfg.multitask.time_scale_hours)
     model.set_time_scaling(shift, scale)
     model.to(device)
@@ -301,21 +305,23 @@ def make_optimizer(cfg: Config, model: MultiTaskNet) -> torch.optim.Optimizer:
                               {"params": heads, "lr": lr, "name": "heads"}], lr=lr, weight_decay=wd)
 
 
-def restore(s: Setup, ckpt: dict[str, Any]) -> None:
-    s.model.load_state_dict(ckpt["model"])
-    s.optimizer.load_state_dict(ckpt["optimizer"])
-    s.scheduler.load_state_dict(ckpt["scheduler"])
-    if ckpt.get("scaler"):
-        s.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and ckpt["rng"].get("cuda"):
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    if ckpt.get("weighting"):
-        s.weighting.load_state_dict(ckpt["weighting"])
-    s.history = list(ckpt["history"])
-    s.start_epoch = int(ckpt["epoch"])
-    s.best_epoch = int(ckpt["best_epoch"])
-    s.wall_time_s = float(ckpt.get("wall_time_s", 0.0))
+def restore(s: Setup, ckpt: Checkpoint) -> None:
+    r = ckpt.resume
+    assert r is not None  # setup checked it
+    s.model.load_state_dict(ckpt.model)
+    s.optimizer.load_state_dict(r.optimizer)
+    s.scheduler.load_state_dict(r.scheduler)
+    if r.scaler:
+        s.scaler.load_state_dict(r.scaler)
+    torch.set_rng_state(r.rng["torch"])
+    if torch.cuda.is_available() and r.rng.get("cuda"):
+        torch.cuda.set_rng_state_all(r.rng["cuda"])
+    if r.weighting:
+        s.weighting.load_state_dict(r.weighting)
+    s.history = list(r.history)
+    s.start_epoch = ckpt.epoch
+    s.best_epoch = r.best_epoch
+    s.wall_time_s = r.wall_time_s
     if not s.ctx.is_main:
         return
     dump_config(s.cfg, s.run_dir / "config.yaml")  # --set on resume changes the resolved config
@@ -346,38 +352,46 @@ def write_run_files(s: Setup) -> None:
     )
 
 
-def checkpoint_dict(s: Setup, epoch: int) -> dict[str, Any]:
-    return {
-        "format_version": 1,
-        "model": {k: v.detach().cpu() for k, v in s.model.state_dict().items()},
-        "model_spec": s.model.spec.to_dict(),
-        "optimizer": s.optimizer.state_dict(),
-        "scheduler": s.scheduler.state_dict(),
-        "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else {},
-        "epoch": epoch,
-        "best_metric": best_val_metrics(s).get(s.cfg.training.select_metric) if s.best_epoch else None,
-        "best_epoch": s.best_epoch,
-        "select_metric": s.cfg.training.select_metric,
-        "history": s.history,
-        "rng": {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        "config": config_to_dict(s.cfg),
-        "splits": dict(s.exp.splits),
-        "normalizer": s.normalizer.to_dict(),
-        "channels": list(s.exp.channels),
-        "channel_names": s.exp.channel_names,
-        "channel_luts": list(s.exp.infos[0].luts) if s.exp.infos[0].luts else None,  # the reference's colours
-        "image_size": s.cfg.data.tile_size or s.cfg.data.image_size,  # the model's input side
-        "tiles": None if tile_spec(s.cfg.data) is None else asdict(tile_spec(s.cfg.data)),
-        "temporal_context_hours": s.cfg.data.temporal_context_hours,
-        "time_shift": float(s.model.time_shift),
-        "time_scale": float(s.model.time_scale),
-        "run_id": s.run_dir.name,
-        "wall_time_s": s.wall_time_s,
-        "weighting": s.weighting.state_dict(),
-    }
+def make_checkpoint(s: Setup, epoch: int) -> Checkpoint:
+    """This epoch's checkpoint with the resume state (last.pt); `without_resume()` of it is best.pt."""
+    metric = s.cfg.training.select_metric
+    resume = ResumeState(
+        optimizer=s.optimizer.state_dict(),
+        scheduler=s.scheduler.state_dict(),
+        scaler=s.scaler.state_dict() if s.scaler.is_enabled() else {},
+        rng={"torch": torch.get_rng_state(),
+             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        history=s.history,
+        best_epoch=s.best_epoch,
+        best_metric=best_val_metrics(s).get(metric) if s.best_epoch else None,
+        select_metric=metric,
+        wall_time_s=s.wall_time_s,
+        weighting=s.weighting.state_dict(),
+    )
+    luts = s.exp.infos[0].luts  # the reference stack's ImageJ colours, for predict's channel-order check
+    return Checkpoint(
+        model={k: v.detach().cpu() for k, v in s.model.state_dict().items()},
+        model_spec=s.model.spec,
+        config=s.cfg,
+        normalizer=s.normalizer,
+        channels=tuple(s.exp.channels),
+        channel_names=None if s.exp.channel_names is None else tuple(s.exp.channel_names),
+        channel_luts=None if luts is None else tuple(luts),
+        splits=dict(s.exp.splits),
+        epoch=epoch,
+        run_id=s.run_dir.name,
+        metrics=val_metrics(s.history[-1]) if s.history else None,
+        resume=resume,
+    )
+
+
+def save_checkpoints(s: Setup, epoch: int) -> None:
+    """last.pt every epoch (the resume state); best.pt, the model alone, when this epoch is the best."""
+    ckpt = make_checkpoint(s, epoch)
+    folder = s.run_dir / "checkpoints"
+    if s.best_epoch == epoch:
+        ckpt.without_resume().save(folder / "best.pt")
+    ckpt.save(folder / "last.pt")
 
 
 def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
@@ -550,7 +564,6 @@ def fit(s: Setup) -> dict[str, Any]:
     metric = cfg.training.select_metric
     assert metric is not None  # resolved by Config
     sampler, train_loader, val_loader, calib_loader = build_loaders(s)
-    ckpt_dir = s.run_dir / "checkpoints"
     stale = s.start_epoch - s.best_epoch
     bar = progress_bar(total=(cfg.training.epochs - s.start_epoch) * len(train_loader), desc="train",
                        enabled=cfg.training.progress and s.ctx.is_main)
@@ -588,10 +601,7 @@ def fit(s: Setup) -> dict[str, Any]:
         else:
             stale += 1
         if s.ctx.is_main:
-            ckpt = checkpoint_dict(s, epoch)  # one copy of weights and optimizer state for both files
-            if s.best_epoch == epoch:
-                atomic_save(ckpt, ckpt_dir / "best.pt")
-            atomic_save(ckpt, ckpt_dir / "last.pt")
+            save_checkpoints(s, epoch)
             write_metrics_csv(s.history, s.run_dir / "metrics.csv")
     bar.close()
     return finish(s)
@@ -682,8 +692,8 @@ def finish(s: Setup) -> dict[str, Any]:
     Under DDP rank 0 alone does this (a single process scoring the whole splits)."""
     if not s.ctx.is_main:
         return {}
-    best = load_checkpoint(s.run_dir / "checkpoints" / "best.pt", map_location=s.device)
-    s.model.load_state_dict(best["model"])
+    best = Checkpoint.load(s.run_dir / "checkpoints" / "best.pt", map_location=s.device)
+    s.model.load_state_dict(best.model)
     val, val_preds = validate(s, s.val_ds, keep_maps=s.val_ds.tiles is not None)
     write_csv(prediction_rows(s.val_ds, val_preds, s.exp.records), s.run_dir / "predictions_val.csv")
     try:
@@ -757,9 +767,7 @@ def fit_probe(s: Setup) -> dict[str, Any]:
         s.best_epoch = 1
         check_finite_weights(s, 1)
         if s.ctx.is_main:
-            ckpt = checkpoint_dict(s, 1)
-            atomic_save(ckpt, s.run_dir / "checkpoints" / "best.pt")
-            atomic_save(ckpt, s.run_dir / "checkpoints" / "last.pt")
+            save_checkpoints(s, 1)
             write_metrics_csv(s.history, s.run_dir / "metrics.csv")
     return finish(s)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from cellmtl.data.manifest import StackRecord
 from cellmtl.data.readers import StackInfo
@@ -187,23 +187,33 @@ def stack_channel_names(
     return None, ""
 
 
+@dataclass(frozen=True)
+class TrainedChannels:
+    """The channels a network was trained on (from its checkpoint): indices into its first training stack, their
+    names and ImageJ colours where known, and whether training read every channel its stacks had."""
+
+    indices: list[int]
+    names: list[str] | None = None
+    luts: list[str] | None = None
+    all_of_them: bool = True
+
+
 def checkpoint_channels(
-    records: Sequence[StackRecord], infos: Sequence[StackInfo], ckpt: dict
+    records: Sequence[StackRecord], infos: Sequence[StackInfo], trained: TrainedChannels
 ) -> tuple[list[StackInfo], list[int], list[str] | None]:
-    """`match_channels` for the channels a checkpoint was trained on (resume, evaluate, compare, predict).
+    """`match_channels` for the channels a network was trained on (resume, evaluate, compare, predict).
 
     A checkpoint's indices count from the first stack of its training manifest; reading them against today's
-    first stack would feed other stains once rows are re-sorted or stacks added. So a checkpoint with names is
+    first stack would feed other stains once rows are re-sorted or stacks added. So a network with names is
     matched by its names, and one trained without names reads its plain indices in every file, as in training."""
-    names, luts = ckpt.get("channel_names"), ckpt.get("channel_luts")
     what = "the model's input channels"
-    if names is None:
-        if ckpt["config"]["data"].get("channels") is None:  # trained on every channel its stacks had
-            check_rgb(records, infos, len(ckpt["channels"]))
-        for problem in lut_order_problems(records, infos, luts):
+    if trained.names is None:
+        if trained.all_of_them:  # trained on every channel its stacks had
+            check_rgb(records, infos, len(trained.indices))
+        for problem in lut_order_problems(records, infos, trained.luts):
             log.warning("%s", problem)
-        return list(infos), _check_indices(records, infos, list(ckpt["channels"]), what), None
-    return match_channels(records, infos, list(ckpt["channels"]), names=names, what=what, luts=luts)
+        return list(infos), _check_indices(records, infos, list(trained.indices), what), None
+    return match_channels(records, infos, list(trained.indices), names=trained.names, what=what, luts=trained.luts)
 
 
 def _check_names(rec: StackRecord, own: Sequence[str], wanted: Sequence[str], source: str, what: str) -> None:

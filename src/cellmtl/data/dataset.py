@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cellmtl.config import AugmentConfig, Config, FrameSelection
-from cellmtl.data.channels import checkpoint_channels, match_channels
+from cellmtl.data.channels import TrainedChannels, checkpoint_channels, match_channels
 from cellmtl.data.manifest import (
     FROM_CONFIG,
     FROM_FILE,
@@ -164,9 +164,10 @@ def load_records(cfg: Config, *, labelled: bool = True) -> list[StackRecord]:
     )
 
 
-def load_experiment(cfg: Config, splits: dict[str, str] | None = None, ckpt: dict | None = None) -> Experiment:
+def load_experiment(cfg: Config, splits: dict[str, str] | None = None,
+                    trained: TrainedChannels | None = None) -> Experiment:
     """Manifest (or folders) -> probed stacks -> splits (`splits` given: a resumed run's own). With a run's
-    checkpoint `ckpt`, the stacks are read with the channels it was trained on, not re-resolved from today's
+    network's `trained` channels (from its checkpoint), the stacks are read with those, not re-resolved from today's
     manifest. Every problem is a BadInputError."""
     records = load_records(cfg)
     d = cfg.data
@@ -187,8 +188,8 @@ def load_experiment(cfg: Config, splits: dict[str, str] | None = None, ckpt: dic
     )
     probed = probe_records(records)
     records = with_file_times(records, probed)
-    infos, channels, names = (match_channels(records, probed, d.channels) if ckpt is None
-                              else checkpoint_channels(records, probed, ckpt))
+    infos, channels, names = (match_channels(records, probed, d.channels) if trained is None
+                              else checkpoint_channels(records, probed, trained))
     return Experiment(records, infos, splits, channels, names)
 
 

@@ -8,13 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from cellmtl.checkpoints import (
-    checkpoint_dataset,
-    config_from_checkpoint,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_checkpoint,
-)
+from cellmtl.checkpoints import Checkpoint, resolve_checkpoint
 from cellmtl.data.dataset import load_experiment
 from cellmtl.engine import prediction_arrays, prediction_rows, run_model, score
 from cellmtl.errors import BadInputError
@@ -57,16 +51,16 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     if not run.is_dir():
         raise BadInputError(f"run folder not found: {run}")
     ckpt_path = checkpoint_path(run, checkpoint)
-    ckpt = load_checkpoint(ckpt_path)
-    cfg = config_from_checkpoint(ckpt)
-    exp = load_experiment(cfg, splits=ckpt["splits"], ckpt=ckpt)
+    ckpt = Checkpoint.load(ckpt_path)
+    cfg = ckpt.config
+    exp = load_experiment(cfg, splits=ckpt.splits, trained=ckpt.trained_channels)
     if not exp.split_records(split):
         raise BadInputError(f"run {run} has no {split} split")
     index = exp.index(split, getattr(cfg.data.frames, split), cfg.data.pre_onset, cfg.multitask.uninfected_time)
     intervals = [r.frame_interval_hours for r in exp.records]
-    ds = checkpoint_dataset(ckpt, exp.infos, [r.stack_id for r in exp.records], index, intervals)
+    ds = ckpt.dataset(exp.infos, [r.stack_id for r in exp.records], index, intervals)
     device = pick_device(device or cfg.training.device)
-    model = model_from_checkpoint(ckpt).to(device)
+    model = ckpt.network().to(device)
     loader = make_loader(ds, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers, device=device)
     preds = run_model(model, loader, device, progress=cfg.training.progress, desc=f"evaluate {split}",
                       keep_maps=ds.tiles is not None)
@@ -86,7 +80,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     result: dict[str, Any] = {
         "split": split,
         "checkpoint": str(ckpt_path),
-        "epoch": int(ckpt["epoch"]),
+        "epoch": ckpt.epoch,
         "n_frames": len(ds),
         "n_stacks": int(len(np.unique(index.stack))),
         "metrics": metrics,

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+from cellmtl.checkpoints import Checkpoint
 from cellmtl.errors import BadInputError
 from cellmtl.models import MultiTaskNet
 
@@ -57,32 +57,36 @@ def onnx_graph(wrapper: nn.Module, in_chans: int, size: int, path: Path, outputs
 
 def export_onnx(checkpoint: str | Path, out: str | Path) -> Path:
     """Write an ONNX model with a dynamic batch axis; returns its path."""
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt)
+    require_onnx()
+    ckpt = Checkpoint.load(checkpoint)
+    model = ckpt.network()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx_graph(ExportWrapper(model), model.spec.in_chans, int(ckpt["image_size"]), out, ["prob_infected", "time_hours"])
+    onnx_graph(ExportWrapper(model), model.spec.in_chans, ckpt.input_size, out, ["prob_infected", "time_hours"])
     add_metadata(out, ckpt)
     return out
 
 
-def add_metadata(path: Path, ckpt: dict) -> None:
+def add_metadata(path: Path, ckpt: Checkpoint) -> None:
     import onnx
 
     proto = onnx.load(str(path))
+    spec = ckpt.model_spec
     meta = {
-        "cellmtl.normalizer": json.dumps(ckpt["normalizer"]),
-        "cellmtl.channels": json.dumps(ckpt["channels"]),
-        "cellmtl.channel_names": json.dumps(ckpt.get("channel_names")),  # null: channels were not named
-        "cellmtl.image_size": str(ckpt["image_size"]),
-        "cellmtl.task_mode": ckpt["model_spec"]["mode"],
-        "cellmtl.time_head": ckpt["model_spec"].get("time_head", "shared"),
+        "cellmtl.normalizer": json.dumps(ckpt.normalizer.to_dict()),
+        "cellmtl.channels": json.dumps(list(ckpt.channels)),
+        "cellmtl.channel_names": json.dumps(ckpt.channel_names and list(ckpt.channel_names)),  # null: not named
+        "cellmtl.image_size": str(ckpt.input_size),
+        "cellmtl.task_mode": spec.mode,
+        "cellmtl.time_head": spec.time_head,
         # input channels = these frames (hour offsets, oldest first) x the channels above; null = one frame
-        "cellmtl.temporal_context_hours": json.dumps(ckpt.get("temporal_context_hours")),
+        "cellmtl.temporal_context_hours": json.dumps(ckpt.temporal_context_hours),
+        # tiles: the graph scores one tile; a frame's prob_infected is the mean over its grid, its time the median
+        "cellmtl.tiles": json.dumps(None if ckpt.tiles is None else vars(ckpt.tiles)),
         # already inside the graph (a pretrained stem's statistics after the normaliser); for the record only
-        "cellmtl.backbone": ckpt["model_spec"]["name"],
-        "cellmtl.input_mean": json.dumps(ckpt["model_spec"].get("input_mean")),
-        "cellmtl.input_std": json.dumps(ckpt["model_spec"].get("input_std")),
+        "cellmtl.backbone": spec.name,
+        "cellmtl.input_mean": json.dumps(spec.input_mean and list(spec.input_mean)),
+        "cellmtl.input_std": json.dumps(spec.input_std and list(spec.input_std)),
     }
     for k, v in meta.items():
         entry = proto.metadata_props.add()
@@ -90,15 +94,9 @@ def add_metadata(path: Path, ckpt: dict) -> None:
     onnx.save(proto, str(path))
 
 
-def export(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
-    if fmt not in ("onnx", "bioimageio"):
-        raise BadInputError(f"export format {fmt!r} is not supported (supported: onnx, bioimageio)")
+def require_onnx() -> None:
+    """Both exports need the onnx packages of the `export` extra: one line saying how to get them."""
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise BadInputError("export --format onnx needs the 'export' extra: pip install 'cellmtl[export]'") from None
-    if fmt == "bioimageio":
-        from cellmtl.bioimage_package import export_bioimageio
-
-        return export_bioimageio(checkpoint, out)
-    return export_onnx(checkpoint, out)
+        raise BadInputError("export needs the 'export' extra: pip install 'cellmtl[export]'") from None

@@ -18,7 +18,6 @@ PyTorch path (Normalizer + model), so `bioimageio.core.test_model` passing means
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,55 +27,14 @@ import torch
 from torch import nn
 
 from cellmtl import __version__
-from cellmtl.checkpoints import load_checkpoint, model_from_checkpoint
+from cellmtl.checkpoints import Checkpoint
 from cellmtl.data.transforms import Normalizer
 from cellmtl.errors import BadInputError, ExportError
-from cellmtl.export import OPSET, onnx_graph
+from cellmtl.export.onnx import OPSET, onnx_graph, require_onnx
 from cellmtl.models import MultiTaskNet
+from cellmtl.reports.plots import new_figure
 
 TEST_FRAME_HOUR = 12.0  # the synthetic test frame: an infected stack, 12 h after start, onset at 2 h
-
-
-_FAULTY_CALL = re.compile(r"handler\(\s*(\w+),\s*info,[^\n]*\n\s*\)")
-
-
-def _faulty_serializers() -> list[Any]:
-    """The three wrap serializers of bioimageio.spec 0.5.12 that pass `info` as the handler's `index_key`."""
-    from bioimageio.spec._internal import io_packaging
-    from bioimageio.spec._internal.validated_string_with_inner_node import ValidatedStringWithInnerNode
-    from bioimageio.spec.model import v0_4
-
-    method = ValidatedStringWithInnerNode.__dict__["_serialize"]
-    return [io_packaging.package_file_descr_serializer, v0_4.package_weights, getattr(method, "wrapped", method)]
-
-
-def patch_bioimageio_serializers() -> int:
-    """Make bioimageio.spec 0.5.12 work with pydantic >= 2.14; returns how many functions were patched.
-
-    Its wrap serializers call `handler(value, info)`, passing `SerializationInfo` as the handler's `index_key`;
-    pydantic-core ignored that until it began raising TypeError for it (pydantic PR #13506), and then every
-    `model_dump` of a model package (building, saving, `test_model`) fails. `handler(value)` is what older
-    pydantic effectively did. pydantic captured the function objects when bioimageio's types were built, so
-    each function's code is recompiled from its own source minus that argument and swapped in place; a
-    function whose source lacks the faulty call (a fixed bioimageio.spec) is left alone. Idempotent."""
-    import inspect
-    import textwrap
-
-    patched = 0
-    for fn in _faulty_serializers():
-        if getattr(fn, "_cellmtl_patched", False):
-            continue
-        src = textwrap.dedent(inspect.getsource(fn))
-        fixed_src, n = _FAULTY_CALL.subn(r"handler(\1)", src)
-        if n == 0:
-            continue
-        fixed_src = fixed_src[fixed_src.index("def "):]  # drop decorators: only the body is swapped
-        scope: dict[str, Any] = {}
-        exec(compile(fixed_src, inspect.getsourcefile(fn) or "<bioimageio>", "exec"), fn.__globals__, scope)
-        fn.__code__ = scope[fn.__name__].__code__
-        fn._cellmtl_patched = True
-        patched += 1
-    return patched
 
 
 class PackageWrapper(nn.Module):
@@ -142,13 +100,9 @@ def preprocessing(normalizer: Normalizer) -> list[Any]:
 
 def write_cover(image: np.ndarray, expected: np.ndarray, names: list[str], path: Path) -> Path:
     """A 2:1 PNG: the test image's channels (each 1-99.8 % stretched) and the model's outputs on it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     chans = image[0].astype(np.float32)
-    fig, axes = plt.subplots(1, len(chans) + 1, figsize=(8, 4), dpi=80)
+    fig = new_figure(8, 4)
+    axes = fig.subplots(1, len(chans) + 1)
     for k, (ax, ch) in enumerate(zip(axes, chans, strict=False)):
         lo, hi = np.percentile(ch, [1, 99.8])
         ax.imshow(np.clip((ch - lo) / max(hi - lo, 1e-6), 0, 1), cmap="gray")
@@ -158,27 +112,27 @@ def write_cover(image: np.ndarray, expected: np.ndarray, names: list[str], path:
     text = "\n".join(f"{n} = {v:.3g}" for n, v in zip(names, expected[0], strict=True))
     axes[-1].text(0.05, 0.5, "cellmtl\n\n" + text, fontsize=12, va="center")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    fig.savefig(path, dpi=80)
+    fig.clear()
     return path
 
 
-def write_readme(ckpt: dict[str, Any], names: list[str], path: Path) -> Path:
-    norm = ckpt["normalizer"]
-    named = ckpt.get("channel_names")
+def write_readme(ckpt: Checkpoint, names: list[str], path: Path) -> Path:
+    norm = ckpt.normalizer.to_dict()
+    named = ckpt.channel_names
     names_txt = f": {', '.join(named)}, matched by name across files" if named else ""
-    size = int(ckpt["image_size"])
+    size = ckpt.input_size
     path.write_text(f"""# cellmtl infection and time model
 
 Predicts from one microscopy image whether its cells are infected (`prob_infected`, 0-1) and a time in
 hours (`time_hours`: since infection onset for infected images, since experiment start for uninfected ones).
-Exported by cellmtl {__version__} from a checkpoint trained with backbone `{ckpt['model_spec']['name']}`,
-task mode `{ckpt['model_spec']['mode']}`.
+Exported by cellmtl {__version__} from a checkpoint trained with backbone `{ckpt.model_spec.name}`,
+task mode `{ckpt.model_spec.mode}`.
 
 ## Inputs and outputs
 
-- input `image`: `[batch, channel, y, x]`, uint16 raw intensities, {len(ckpt['channels'])} channel(s) (the
-  training data's channels {ckpt['channels']}{names_txt}), y = x = {size} px. Resize larger images to {size} x {size}
+- input `image`: `[batch, channel, y, x]`, uint16 raw intensities, {len(ckpt.channels)} channel(s) (the
+  training data's channels {list(ckpt.channels)}{names_txt}), y = x = {size} px. Resize larger images to {size} x {size}
   first (cellmtl uses antialiased bilinear resizing); the model was trained at that size.
 - preprocessing (declared in rdf.yaml): cast to float32, then the training normalisation
   (`{norm['mode']}`, percentiles {norm['percentiles']}), then float32 again.
@@ -197,28 +151,28 @@ cell line or virus than the training data need such a check before the outputs a
     return path
 
 
-def input_channel_names(ckpt: dict[str, Any]) -> list[str]:
+def input_channel_names(ckpt: Checkpoint) -> list[str]:
     """The training data's channel names where the manifest named them and bioimage.io accepts them all as
     identifiers, else `channel<i>` after the channel indices."""
     from bioimageio.spec.model import v0_5 as bio
 
-    names = ckpt.get("channel_names")
+    names = ckpt.channel_names
     if names:
         try:
             return [str(bio.Identifier(n)) for n in names]
         except ValueError:
             pass
-    return [f"channel{c}" for c in ckpt["channels"]]
+    return [f"channel{c}" for c in ckpt.channels]
 
 
-def build_description(ckpt: dict[str, Any], staging: Path, onnx_path: Path) -> Any:
+def build_description(ckpt: Checkpoint, staging: Path, onnx_path: Path) -> Any:
     """The ModelDescr for files already written into `staging`."""
     from bioimageio.spec.model import v0_5 as bio
 
-    spec = ckpt["model_spec"]
-    size = int(ckpt["image_size"])
-    names = output_names(spec["mode"])
-    normalizer = Normalizer.from_dict(ckpt["normalizer"])
+    spec = ckpt.model_spec
+    size = ckpt.input_size
+    names = output_names(spec.mode)
+    normalizer = ckpt.normalizer
     channel_names = input_channel_names(ckpt)
     image = bio.InputTensorDescr(
         id=bio.TensorId("image"),
@@ -238,7 +192,7 @@ def build_description(ckpt: dict[str, Any], staging: Path, onnx_path: Path) -> A
         postprocessing=[bio.EnsureDtypeDescr(kwargs=bio.EnsureDtypeKwargs(dtype="float32"))],
     )
     return bio.ModelDescr(
-        name=f"cellmtl {spec['mode']} {spec['name']}",
+        name=f"cellmtl {spec.mode} {spec.name}",
         description="Is this microscopy image from an infected well, and how many hours since onset (or start)?",
         authors=[bio.Author(name="cellmtl")],
         cite=[bio.CiteEntry(text="cellmtl: multi-task infection and time prediction from microscopy",
@@ -254,16 +208,16 @@ def build_description(ckpt: dict[str, Any], staging: Path, onnx_path: Path) -> A
     )
 
 
-def refuse_unsupported(ckpt: dict[str, Any], checkpoint: str | Path) -> None:
+def refuse_unsupported(ckpt: Checkpoint, checkpoint: str | Path) -> None:
     """Checkpoints whose preprocessing bioimage.io tools cannot reproduce are bad input, not a wrong package."""
-    if (ckpt.get("normalizer") or {}).get("floor"):
+    if ckpt.normalizer.floor:
         # (x - lo) / (hi - lo + floor) would be scale_range's eps, but bioimageio.core 0.11 ignores eps
         # (ScaleRange.from_proc_descr drops it), so the package would not reproduce this model.
         raise BadInputError(
             f"checkpoint {checkpoint} uses data.normalization.range_floor, which bioimage.io tools cannot "
             "reproduce yet; export it with --format onnx, or train with range_floor: 0"
         )
-    if ckpt.get("temporal_context_hours"):
+    if ckpt.temporal_context_hours:
         # a bioimage.io model takes one image; stacking earlier frames is a step its tools cannot do
         raise BadInputError(
             f"checkpoint {checkpoint} stacks frames of data.temporal_context_hours; bioimage.io packages "
@@ -289,17 +243,17 @@ def export_bioimageio(checkpoint: str | Path, out: str | Path) -> Path:
         from bioimageio.spec import save_bioimageio_package, save_bioimageio_package_as_folder
     except ImportError:
         raise BadInputError("export --format bioimageio needs bioimageio.core: pip install 'cellmtl[export]'") from None
-    patch_bioimageio_serializers()
+    require_onnx()
     out = Path(out)
     check_out(out)
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = Checkpoint.load(checkpoint)
     refuse_unsupported(ckpt, checkpoint)
-    model = model_from_checkpoint(ckpt)
-    size, in_chans = int(ckpt["image_size"]), model.spec.in_chans
+    model = ckpt.network()
+    size, in_chans = ckpt.input_size, model.spec.in_chans
     with tempfile.TemporaryDirectory(prefix="cellmtl_bioimageio_") as tmp:
         staging = Path(tmp)
-        image = test_image(in_chans, list(ckpt["channels"]), size)
-        expected = reference_output(model, Normalizer.from_dict(ckpt["normalizer"]), image)
+        image = test_image(in_chans, list(ckpt.channels), size)
+        expected = reference_output(model, ckpt.normalizer, image)
         np.save(staging / "test_input.npy", image)
         np.save(staging / "test_output.npy", expected)
         names = output_names(model.spec.mode)
@@ -317,9 +271,8 @@ def export_bioimageio(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def validate_package(package: Path) -> None:
-    """Run `bioimageio.core.test_model` on the package just written (offline: every file is local). With
-    bioimageio.spec 0.5.12 and pydantic >= 2.14 the `bioimageio` CLI cannot test it outside cellmtl (see
-    `patch_bioimageio_serializers`), so the user gets the verdict here, where the patch is applied."""
+    """Run `bioimageio.core.test_model` on the package just written (offline: every file is local), so the user
+    gets the verdict at once; `bioimageio test <package>` gives the same outside cellmtl."""
     from bioimageio.core import test_model
 
     summary = test_model(package / "rdf.yaml" if package.is_dir() else package)
