@@ -146,7 +146,8 @@ class DataConfig(_Strict):
     channels: list[int] | list[str] | None = Field(
         None, description="channels the model sees, in this order: null = all, a list of indices (e.g. [0, 2]), or "
         "of names (e.g. [DAPI, ICP4]) matched against the manifest's channels column or the files' own channel "
-        "names, so files that store their stains in different orders are read alike"
+        "names, so files that store their stains in different orders are read alike (docs/MULTITASK_LEARNING.md, "
+        "\"Channels that differ in order between files\")"
     )
     image_size: int = Field(128, ge=16, le=2048, description="model input side in pixels: each frame is resized "
                             "(bilinear, antialiased) to image_size x image_size; unused with tile_size (the tile is "
@@ -256,7 +257,8 @@ class ModelConfig(_Strict):
         "auto", description="with data.temporal_context_hours: channels = the frames stacked at the first "
         "convolution; features = each frame through the backbone, features concatenated; auto = features for "
         "pretrained weights, channels otherwise")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout probability before each head's layers")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout probability in each head (before its last "
+                           "Linear layer)")
     head_hidden: int | None = Field(
         None, ge=0, description="hidden units of each head; 0 = one Linear layer; null = 256 for "
         "training.strategy finetune, 0 for probe and lp_ft (they fit linear heads, so only 0 or null is allowed "
@@ -303,7 +305,7 @@ class MultitaskConfig(_Strict):
     weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm"] = Field(
         "fixed", description="fixed: classification_weight/regression_weight; uncertainty (Kendall 2018), "
         "dwa (Liu 2019), gradnorm (Chen 2018) adapt the weights during training (task.mode multitask only; tuned "
-        "fixed weights are hard to beat)"
+        "fixed weights are hard to beat: docs/MULTITASK_LEARNING.md, \"Multi-task options\")"
     )
     dwa_temperature: float = Field(2.0, gt=0.0, description="weighting dwa: softmax temperature of the loss-ratio "
                                    "weights (higher = closer to equal weights)")
@@ -317,7 +319,8 @@ class TrainingConfig(_Strict):
         "form on its features (seconds; best with pretrained weights and few wells); lp_ft: probe, then fine-tune "
         "from it with optimizer.backbone_lr_scale. probe and lp_ft need whole frames (no data.tile_size)")
     epochs: int = Field(50, ge=1, description="passes over the training frames (probe: one fit, whatever this says)")
-    batch_size: int = Field(32, ge=1, description="samples per optimiser step (per process under torchrun)")
+    batch_size: int = Field(32, ge=1, description="frames per optimiser step (per process under torchrun); also "
+                            "the batch of validation")
     select_metric: str | None = Field(None, description="the validation metric that picks best.pt (AUC and accuracy "
                                       "up; MAE and losses down): total_loss or a cls_* / reg_* metric of the task; "
                                       "null = cls_auc, or reg_mae for task.mode regression. total_loss counts both "
@@ -371,7 +374,10 @@ class Config(_Strict):
     data: DataConfig = Field(description="where the stacks are, how they are split, read, tiled, normalised and "
                              "augmented")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the backbone, its starting weights and the "
-                               "heads")
+                               "heads. Few wells (under ~30 training stacks)? Start from pretrained weights (e.g. "
+                               "name mobilenet_v2 with weights, or pretrained: true with internet) and "
+                               "training.strategy probe: docs/MULTITASK_LEARNING.md, \"Few wells? Start from "
+                               "pretrained weights\"")
     task: TaskConfig = Field(default_factory=TaskConfig, description="which heads are trained")
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig, description="time targets and how the two "
                                        "losses are combined")
