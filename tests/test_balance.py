@@ -33,8 +33,8 @@ def test_weighted_loss_matches_hand_computation():
     expected = sum(weights[int(y)] * bce(z, y) for z, y in zip(logits, labels, strict=True)) / 4
     out = {"infected": torch.tensor(logits)}
     args = (torch.tensor(labels), torch.zeros(4), torch.zeros(4, dtype=torch.bool))
-    got = MultiTaskLoss("classification", class_weights=weights)(out, *args)["cls"]
-    plain = MultiTaskLoss("classification")(out, *args)["cls"]
+    got = MultiTaskLoss(class_weights=weights)(out, *args)["cls"]
+    plain = MultiTaskLoss()(out, *args)["cls"]
     assert float(got) == pytest.approx(expected, rel=1e-6)
     assert float(plain) == pytest.approx(sum(bce(z, y) for z, y in zip(logits, labels, strict=True)) / 4, rel=1e-6)
 

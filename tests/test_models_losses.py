@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from cellmtl.checkpoints import Checkpoint
+from cellmtl.config import config_from_dict
 from cellmtl.errors import BadInputError
 from cellmtl.losses import MultiTaskLoss
 from cellmtl.models import ModelSpec, MultiTaskNet, adapt_conv_weight
+from cellmtl.weighting import fixed_weights, weighted_total, weighting_from_config
 
 
 @pytest.mark.parametrize("mode, keys", [("multitask", {"infected", "time"}), ("classification", {"infected"}),
@@ -69,28 +71,33 @@ def test_loss_by_hand():
     infected = torch.tensor([1.0, 0.0])
     t = torch.tensor([0.0, 0.0])
     has = torch.tensor([True, False])
-    loss = MultiTaskLoss("multitask", 2.0, 3.0)(out, infected, t, has)
+    loss = MultiTaskLoss()(out, infected, t, has)
     bce = (math.log(2) + (2 + math.log1p(math.exp(-2)))) / 2
     sl1 = 0.5 * 0.5**2  # only the first sample has a time target
+    assert set(loss) == {"cls", "reg"}  # the task terms only: weighting combines them, in one place
     assert loss["cls"].item() == pytest.approx(bce, rel=1e-5)
     assert loss["reg"].item() == pytest.approx(sl1, rel=1e-5)
-    assert loss["total"].item() == pytest.approx(2 * bce + 3 * sl1, rel=1e-5)
-    only_cls = MultiTaskLoss("classification")({"infected": out["infected"]}, infected, t, has)
-    assert only_cls["total"].item() == pytest.approx(bce, rel=1e-5) and only_cls["reg"].item() == 0.0
-    negative = MultiTaskLoss("classification")({"infected": torch.tensor([-3.0, -1.0])}, infected, t, has)
+    cfg = config_from_dict({"data": {"manifest": "m.csv"}, "multitask": {"classification_weight": 2.0,
+                                                                          "regression_weight": 3.0}})
+    assert fixed_weights(cfg) == (2.0, 3.0)
+    assert weighting_from_config(cfg).combine(loss, None).item() == pytest.approx(2 * bce + 3 * sl1, rel=1e-5)
+    only_cls = MultiTaskLoss()({"infected": out["infected"]}, infected, t, has)
+    cls_cfg = cfg.model_copy(update={"task": cfg.task.model_copy(update={"mode": "classification"})})
+    assert fixed_weights(cls_cfg) == (2.0, 0.0) and only_cls["reg"].item() == 0.0
+    assert weighted_total(only_cls, *fixed_weights(cls_cfg)).item() == pytest.approx(2 * bce, rel=1e-5)
+    negative = MultiTaskLoss()({"infected": torch.tensor([-3.0, -1.0])}, infected, t, has)
     assert str(negative["reg"].item()) == "0.0"  # not "-0.0" in metrics.csv and comparison.csv
 
 
 def test_loss_without_time_targets_is_finite_and_pos_weight():
     out = {"infected": torch.tensor([0.0]), "time": torch.tensor([5.0])}
     loss = MultiTaskLoss()(out, torch.tensor([1.0]), torch.tensor([float("nan")]), torch.tensor([False]))
-    assert loss["reg"].item() == 0.0 and math.isfinite(loss["total"].item())
+    assert loss["reg"].item() == 0.0 and math.isfinite(loss["cls"].item())
     weighted = MultiTaskLoss(pos_weight=3.0)(out, torch.tensor([1.0]), torch.zeros(1), torch.tensor([False]))
     assert weighted["cls"].item() == pytest.approx(3 * math.log(2), rel=1e-5)
 
 
 def test_checkpoint_round_trip_atomic_and_weights_only(tmp_path):
-    from cellmtl.config import config_from_dict
     from cellmtl.data.transforms import Normalizer
 
     m = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=8))

@@ -22,6 +22,7 @@ from cellmtl.losses import MultiTaskLoss
 from cellmtl.metrics import compute_metrics, interval_coverage
 from cellmtl.models import MultiTaskNet
 from cellmtl.runtime import autocast_ctx, progress_bar
+from cellmtl.weighting import weighted_total
 
 
 @dataclass
@@ -199,9 +200,10 @@ def read_prediction_rows(path: Path) -> list[dict]:
 
 
 def score(
-    model: MultiTaskNet, loss_fn: MultiTaskLoss, index: SampleIndex, preds: Predictions
+    model: MultiTaskNet, loss_fn: MultiTaskLoss, index: SampleIndex, preds: Predictions, weights: tuple[float, float]
 ) -> dict[str, float | None]:
-    """SPEC section 5's metrics and losses for a split, from collected predictions (hours)."""
+    """SPEC section 5's metrics and losses for a split, from collected predictions (hours); `total_loss` uses
+    `weights` (`weighting.fixed_weights`: the validation total is the same whatever multitask.weighting)."""
     has_time = np.isfinite(index.time_target)
     out: dict[str, torch.Tensor] = {}
     if preds.logit is not None:
@@ -213,6 +215,7 @@ def score(
         hours = torch.from_numpy(np.nan_to_num(index.time_target)).to(model.time_shift.device)
         t_scaled = model.scale_time(hours).cpu()
         losses = loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)), t_scaled, torch.from_numpy(has_time))
+    losses = {"total": weighted_total(losses, *weights), **losses}
     metrics: dict[str, float | None] = {f"{k}_loss": float(v) for k, v in losses.items()}
     metrics.update(compute_metrics(**prediction_arrays(index, preds), stack=index.stack))
     if preds.time_std is not None and preds.time_pred is not None:

@@ -1,4 +1,6 @@
-"""The multi-task loss: `classification_weight * BCEWithLogits + regression_weight * <regression loss>`.
+"""The per-task loss terms: `cls` = BCEWithLogits, `reg` = the regression loss on the time head. How they
+are combined into the total that is back-propagated (and the validation `total_loss`) lives in one place,
+`cellmtl.weighting`.
 
 The time term is computed on the scaled time axis (hours minus the training mean, divided by the
 training std or `multitask.time_scale_hours`), so SmoothL1's beta of 1 means about one std, and both
@@ -63,9 +65,8 @@ def true_class_time(out: dict[str, torch.Tensor], infected: torch.Tensor) -> tup
 
 @dataclass(frozen=True)
 class MultiTaskLoss:
-    mode: str = "multitask"
-    classification_weight: float = 1.0
-    regression_weight: float = 1.0
+    """The unweighted task losses of a batch; a task the model has no head for gives 0."""
+
     pos_weight: float | None = None
     class_weights: tuple[float, float] | None = None  # (uninfected, infected) per-frame BCE weights
     regression_loss: str = "smooth_l1"
@@ -78,7 +79,7 @@ class MultiTaskLoss:
         has_time: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """out: model outputs; infected float [B] (0/1); time_scaled float [B]; has_time bool [B].
-        Returns `total`, `cls`, `reg` (each a scalar tensor; absent tasks give 0)."""
+        Returns `cls` and `reg` (each a scalar tensor; absent tasks give 0)."""
         zero = next(iter(out.values())).sum() * 0.0 + 0.0  # keeps the graph and device; + 0.0 turns -0.0 into 0.0
         cls = reg = zero
         if "infected" in out:
@@ -96,17 +97,10 @@ class MultiTaskLoss:
             pred, logvar = true_class_time(out, infected)
             per = per_sample_regression(self.regression_loss, pred, target, logvar)
             reg = (per * mask).sum() / mask.sum().clamp(min=1.0)
-        total = zero
-        if self.mode != "regression":
-            total = total + self.classification_weight * cls
-        if self.mode != "classification":
-            total = total + self.regression_weight * reg
-        return {"total": total, "cls": cls, "reg": reg}
+        return {"cls": cls, "reg": reg}
 
 
 def loss_from_config(
     cfg: Config, pos_weight: float | None = None, class_weights: tuple[float, float] | None = None
 ) -> MultiTaskLoss:
-    m = cfg.multitask
-    return MultiTaskLoss(cfg.task.mode, m.classification_weight, m.regression_weight, pos_weight, class_weights,
-                         m.regression_loss)
+    return MultiTaskLoss(pos_weight, class_weights, cfg.multitask.regression_loss)

@@ -53,7 +53,7 @@ from cellmtl.predict import write_stack_views
 from cellmtl.reports.html import write_report
 from cellmtl.reports.plots import write_run_plots
 from cellmtl.runtime import autocast_ctx, autocast_for, cpu_threads, make_loader, pick_device, progress_bar
-from cellmtl.weighting import FixedWeighting, weighting_from_config
+from cellmtl.weighting import FixedWeighting, fixed_weights, weighted_total, weighting_from_config
 
 MAX_BAD_STEPS = 5  # consecutive non-finite losses before a run stops
 
@@ -479,7 +479,7 @@ def validate(s: Setup, ds: TimeCourseDataset, loader=None, keep_maps: bool = Fal
              ) -> tuple[dict[str, float | None], Predictions]:
     loader = loader or make_loader(ds, batch_size=s.cfg.training.batch_size, num_workers=0, device=s.device)
     preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype, keep_maps=keep_maps)
-    return score(s.model, s.loss_fn, ds.index, preds), preds
+    return score(s.model, s.loss_fn, ds.index, preds, fixed_weights(s.cfg)), preds
 
 
 TIE_TOL = 1e-4
@@ -634,7 +634,7 @@ def validate_sharded(s: Setup, ds: TimeCourseDataset, loader) -> tuple[dict[str,
     positions = np.asarray(loader.dataset.indices)
     preds = run_model(s.model, loader, s.device, amp_dtype=s.amp_dtype)
     preds = distributed.gather_predictions(preds, positions, len(ds), s.ctx)
-    return score(s.model, s.loss_fn, ds.index, preds), preds
+    return score(s.model, s.loss_fn, ds.index, preds, fixed_weights(s.cfg)), preds
 
 
 def val_metrics(row: dict[str, Any]) -> dict[str, Any]:
@@ -748,6 +748,7 @@ def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, A
         hours = torch.from_numpy(np.nan_to_num(index.time_target)).to(s.device)
         losses = s.loss_fn(out, torch.from_numpy(index.infected.astype(np.float32)).to(s.device),
                            s.model.scale_time(hours), torch.from_numpy(np.isfinite(index.time_target)).to(s.device))
+    losses["total"] = weighted_total(losses, *fixed_weights(cfg))
     train = {f"train_{k}_loss": float(losses[k]) for k in ("total", "cls", "reg")}
     val, _ = validate(s, s.val_ds)
     s.logger.info("probe: linear heads fitted on %d frozen-feature frames (%s); val: %s", len(feats),

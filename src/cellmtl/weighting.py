@@ -1,4 +1,9 @@
-"""How the classification and time losses are combined: `multitask.weighting`.
+"""How the classification and time losses are combined: `multitask.weighting`. The one place losses combine.
+
+The validation (and test) `total_loss` is always `fixed_weights(cfg)` applied to the unweighted task losses
+(`classification_weight * cls + regression_weight * reg`, the absent task's weight 0), whatever the weighting:
+the adaptive weights below move during training, and a total that changes its own scale from epoch to epoch
+would not compare across epochs (selection by `total_loss`, early stopping, the learning curves).
 
 * `fixed`: `classification_weight * L_cls + regression_weight * L_reg` (the seed's alpha/beta).
 * `uncertainty` (Kendall et al. 2018), one classification and one regression task:
@@ -31,6 +36,19 @@ from torch import nn
 from cellmtl.config import Config
 
 N_TASKS = 2
+
+
+def fixed_weights(cfg: Config) -> tuple[float, float]:
+    """(classification, regression) weights of the config: the fixed weighting's, and the validation total's.
+    A single-task mode weighs the task it lacks 0."""
+    m, mode = cfg.multitask, cfg.task.mode
+    return (m.classification_weight if mode != "regression" else 0.0,
+            m.regression_weight if mode != "classification" else 0.0)
+
+
+def weighted_total(losses: dict[str, torch.Tensor], w_cls: float, w_reg: float) -> torch.Tensor:
+    """`w_cls * cls + w_reg * reg` (scalar tensors)."""
+    return w_cls * losses["cls"] + w_reg * losses["reg"]
 
 
 def kendall_total(cls: torch.Tensor, reg: torch.Tensor, s_c: torch.Tensor, s_r: torch.Tensor) -> torch.Tensor:
@@ -71,8 +89,8 @@ class FixedWeighting:
         return []
 
     def combine(self, losses: dict[str, torch.Tensor], model: nn.Module) -> torch.Tensor:
-        """The total to back-propagate for one training step; fixed: the loss's own weighted total."""
-        return losses["total"]
+        """The total to back-propagate for one training step from the task losses `cls` and `reg`."""
+        return weighted_total(losses, *self.w)
 
     def end_epoch(self, train_cls: float, train_reg: float) -> None:
         """Called with the epoch's mean (unweighted) training losses."""
@@ -223,9 +241,7 @@ def weighting_from_config(
     """`rank_mean` (DDP: the mean of a tensor over the ranks) keeps GradNorm's weights equal on every rank."""
     m = cfg.multitask
     if cfg.task.mode != "multitask" or m.weighting == "fixed":
-        # single-task runs keep the loss's own total (the absent task's weight is irrelevant)
-        return FixedWeighting(m.classification_weight if cfg.task.mode != "regression" else 0.0,
-                              m.regression_weight if cfg.task.mode != "classification" else 0.0)
+        return FixedWeighting(*fixed_weights(cfg))
     if m.weighting == "uncertainty":
         return UncertaintyWeighting(device)
     if m.weighting == "dwa":

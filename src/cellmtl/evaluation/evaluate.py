@@ -20,6 +20,7 @@ from cellmtl.predict import write_stack_views
 from cellmtl.reports.html import write_report
 from cellmtl.reports.plots import plot_time_bins, write_run_plots
 from cellmtl.runtime import make_loader, pick_device
+from cellmtl.weighting import fixed_weights
 
 LOG_KEYS = (  # printed with their bootstrap CIs (losses have none)
     "cls_auc",
@@ -65,7 +66,7 @@ def evaluate_run(run: str | Path, *, checkpoint: str = "best", split: str = "val
     preds = run_model(model, loader, device, progress=cfg.training.progress, desc=f"evaluate {split}",
                       keep_maps=ds.tiles is not None)
     loss_fn = loss_from_config(cfg)
-    metrics = score(model.cpu(), loss_fn, index, preds)
+    metrics = score(model.cpu(), loss_fn, index, preds, fixed_weights(cfg))
     write_csv(prediction_rows(ds, preds, exp.records), run / f"predictions_{split}.csv")
     arrays = prediction_arrays(index, preds)
     plots = write_run_plots(run, [], arrays, subdir=f"plots/evaluation_{split}")
