@@ -82,8 +82,8 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 
 def summary(rows: list[dict], baselines: dict[tuple[int, int], dict], stacks: int, variants: list[str]) -> str:
-    lines = [f"### {stacks} stacks ({stacks - 4} training, 4 val), seeds "
-             f"{sorted({r['seed'] for r in rows if r['stacks'] == stacks})}", "",
+    seeds = sorted({r["seed"] for r in rows if r["stacks"] == stacks})
+    lines = [f"### {stacks} stacks ({stacks - 4} training, 4 val), seeds {seeds}", "",
              "| variant | cls_auc | reg_mae (h) | infected / uninfected MAE (h) | slope infected / uninfected | "
              "per seed reg_mae (h) | wall time (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
@@ -91,9 +91,11 @@ def summary(rows: list[dict], baselines: dict[tuple[int, int], dict], stacks: in
         if not sel:
             continue
         col = {k: [r[k] for r in sel] for k in (*METRICS, "wall_time_s")}
+        by_seed = {r["seed"]: r["reg_mae"] for r in sel}
+        per_seed = " / ".join(f"{by_seed[k]:.2f}" if k in by_seed else "–" for k in seeds)
         lines.append(f"| {v} | {fmt(col['cls_auc'], 3)} | {fmt(col['reg_mae'])} | {fmt(col['reg_mae_infected'])} / "
                      f"{fmt(col['reg_mae_uninfected'])} | {fmt(col['reg_slope_infected'])} / "
-                     f"{fmt(col['reg_slope_uninfected'])} | {' / '.join(f'{r:.2f}' for r in col['reg_mae'])} | "
+                     f"{fmt(col['reg_slope_uninfected'])} | {per_seed} | "
                      f"{fmt(col['wall_time_s'], 0)} |")
     base = [b for (n, _), b in sorted(baselines.items()) if n == stacks]
     if base:
