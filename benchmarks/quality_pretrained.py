@@ -4,12 +4,14 @@ hold-out generator (holdout_experiment.py), at 224 px.
 
     python benchmarks/quality_pretrained.py [--stacks 12 24] [--seeds 0 1 2] [--variants NAME ...]
         [--out /tmp/cellmtl_pretrained] [--course synchronous|spread|cascade] [--weights .weights/...pt]
+        [--set key=value ...]
 
 Needs the offline fixture (`make weights`). Every run is a plain `cellmtl train` with `--set` overrides (printed
 with `--list`); finished runs are kept in OUT/results.jsonl and not trained again, so the script can be stopped
 and restarted. Prints per run the val metrics at best.pt (cls_auc, reg_mae with its infected / uninfected parts,
 the mean within-stack slopes) and the wall time, then per experiment size a table of mean ± std over seeds,
-with the hand-made-feature oracle (holdout_oracle.py) and the mean predictor beside them.
+with the hand-made-feature oracle (holdout_oracle.py) and the mean predictor beside them. `--set` adds overrides to
+every variant (after its own) and names the variants with them, e.g. `probe [data.image_size=320]`.
 """
 
 from __future__ import annotations
@@ -49,18 +51,24 @@ METRICS = ("cls_auc", "reg_mae", "reg_mae_infected", "reg_mae_uninfected", "reg_
            "reg_slope_uninfected")
 
 
-def overrides(variant: str, weights: Path) -> list[str]:
+def overrides(variant: str, weights: Path, extra_sets: list[str] = ()) -> list[str]:
     pretrained, extra = VARIANTS[variant]
-    return COMMON + (PRETRAINED + [f"model.weights={weights}"] if pretrained else []) + extra
+    return COMMON + (PRETRAINED + [f"model.weights={weights}"] if pretrained else []) + extra + list(extra_sets)
+
+
+def label(variant: str, extra_sets: list[str]) -> str:
+    return f"{variant} [{' '.join(extra_sets)}]" if extra_sets else variant
 
 
 def run_one(args: argparse.Namespace, stacks: int, seed: int, variant: str) -> dict:
     manifest = make_data(args.out, seed, stacks, args.course)
-    name = f"{args.course}_{stacks}_seed{seed}_{variant.replace(' ', '_').replace('+', '_')}"
+    tag = "".join(ch if ch.isalnum() else "_" for ch in label(variant, args.overrides))
+    name = f"{args.course}_{stacks}_seed{seed}_{tag}"
     t0 = time.perf_counter()
-    run = train_run(manifest, args.out, name, seed, overrides(variant, args.weights))
+    run = train_run(manifest, args.out, name, seed, overrides(variant, args.weights, args.overrides))
     res = json.loads((run / "results.json").read_text())
-    row = {"stacks": stacks, "seed": seed, "variant": variant, "course": args.course, "run": str(run),
+    row = {"stacks": stacks, "seed": seed, "variant": label(variant, args.overrides), "course": args.course,
+           "run": str(run),
            "best_epoch": res["best_epoch"], "wall_time_s": res["wall_time_s"],
            "process_s": round(time.perf_counter() - t0, 1), **{k: res["best"].get(k) for k in METRICS}}
     return row
@@ -74,8 +82,8 @@ def fmt(values: list[float], digits: int = 2) -> str:
 
 
 def summary(rows: list[dict], baselines: dict[tuple[int, int], dict], stacks: int, variants: list[str]) -> str:
-    lines = [f"### {stacks} stacks ({stacks - 4} training, 4 val), seeds "
-             f"{sorted({r['seed'] for r in rows if r['stacks'] == stacks})}", "",
+    seeds = sorted({r["seed"] for r in rows if r["stacks"] == stacks})
+    lines = [f"### {stacks} stacks ({stacks - 4} training, 4 val), seeds {seeds}", "",
              "| variant | cls_auc | reg_mae (h) | infected / uninfected MAE (h) | slope infected / uninfected | "
              "per seed reg_mae (h) | wall time (s) |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for v in variants:
@@ -83,9 +91,11 @@ def summary(rows: list[dict], baselines: dict[tuple[int, int], dict], stacks: in
         if not sel:
             continue
         col = {k: [r[k] for r in sel] for k in (*METRICS, "wall_time_s")}
+        by_seed = {r["seed"]: r["reg_mae"] for r in sel}
+        per_seed = " / ".join(f"{by_seed[k]:.2f}" if k in by_seed else "–" for k in seeds)
         lines.append(f"| {v} | {fmt(col['cls_auc'], 3)} | {fmt(col['reg_mae'])} | {fmt(col['reg_mae_infected'])} / "
                      f"{fmt(col['reg_mae_uninfected'])} | {fmt(col['reg_slope_infected'])} / "
-                     f"{fmt(col['reg_slope_uninfected'])} | {' / '.join(f'{r:.2f}' for r in col['reg_mae'])} | "
+                     f"{fmt(col['reg_slope_uninfected'])} | {per_seed} | "
                      f"{fmt(col['wall_time_s'], 0)} |")
     base = [b for (n, _), b in sorted(baselines.items()) if n == stacks]
     if base:
@@ -105,11 +115,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_pretrained"))
     ap.add_argument("--course", choices=COURSES, default="synchronous")
     ap.add_argument("--weights", type=Path, default=ROOT / ".weights" / "mobilenet_v2_imagenet.pt")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="added to every variant (and to its name)")
     ap.add_argument("--list", action="store_true", help="print each variant's --set overrides and stop")
     args = ap.parse_args()
     if args.list:
         for v in args.variants:
-            print(f"{v}: " + " ".join(f"--set {o}" for o in overrides(v, args.weights)))
+            print(f"{label(v, args.overrides)}: " + " ".join(f"--set {o}" for o in overrides(v, args.weights,
+                                                                                           args.overrides)))
         return
     if not args.weights.is_file():
         sys.exit(f"error: {args.weights} is missing: run `make weights`")
@@ -125,7 +138,7 @@ def main() -> None:
             baselines[(stacks, seed)] = {"oracle": mae, "oracle_infected": inf, "oracle_uninfected": uninf,
                                          "mean": mean_baseline(manifest)}
             for variant in args.variants:
-                if (stacks, seed, variant, args.course) in done:
+                if (stacks, seed, label(variant, args.overrides), args.course) in done:
                     continue
                 row = run_one(args, stacks, seed, variant)
                 rows.append(row)
@@ -138,7 +151,7 @@ def main() -> None:
     rows = [r for r in rows if r["course"] == args.course]
     for stacks in args.stacks:
         print()
-        print(summary(rows, baselines, stacks, args.variants))
+        print(summary(rows, baselines, stacks, [label(v, args.overrides) for v in args.variants]))
 
 
 if __name__ == "__main__":

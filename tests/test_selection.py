@@ -87,3 +87,11 @@ def test_early_stopping_and_best_checkpoint_for_test(monkeypatch, tiny_config):
     last_eval = json.loads(evaluate_run(run, checkpoint="last", split="test").read_text())["metrics"]
     assert best_eval == pytest.approx(results["test"])
     assert last_eval != pytest.approx(results["test"])
+
+
+def test_time_head_note_recommends_pretrained_weights_unless_the_run_had_them():
+    flat = {"reg_slope_infected": 0.06, "reg_slope_uninfected": 0.9}
+    scratch = time_head_note(flat)
+    assert scratch is not None and "pretrained weights" in scratch and "training.strategy probe" in scratch
+    pretrained = time_head_note(flat, pretrained=True)
+    assert pretrained is not None and "training.strategy probe" not in pretrained

@@ -69,7 +69,9 @@ def dataset_features(model: MultiTaskNet, ds: TimeCourseDataset, make_loader, de
 
 @dataclass
 class Standardiser:
-    """Per-feature mean and spread of the training features (spread 1 where a feature is constant)."""
+    """Per-feature mean and spread of the training features. Spreads are floored at a tenth of the median spread
+    (1 where every feature is constant): folded back onto raw features, a near-constant feature's coefficient is
+    divided by its spread, and lp_ft's fine-tuning, which moves every feature, would turn that into huge outputs."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -77,7 +79,9 @@ class Standardiser:
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardiser:
         std = x.std(axis=0)
-        return cls(x.mean(axis=0), np.where(std > 1e-6, std, 1.0))
+        moving = std[std > 1e-6]
+        floor = 0.1 * float(np.median(moving)) if len(moving) else 1.0
+        return cls(x.mean(axis=0), np.maximum(std, floor))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return (x - self.mean) / self.std

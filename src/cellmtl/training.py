@@ -733,10 +733,15 @@ def finish(s: Setup) -> dict[str, Any]:
 
 def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, Any]]:
     """Fit the linear heads on the frozen backbone's features of the training frames (once each, no augmentation;
-    cellmtl.probe); returns (training losses as `train_*_loss`, val metrics, the chosen strengths)."""
+    cellmtl.probe), its BatchNorm statistics first re-estimated on those frames (unless
+    training.bn_recalibration_samples is 0); returns (training losses as `train_*_loss`, val metrics, the chosen
+    strengths)."""
     cfg = s.cfg
     loader = functools.partial(make_loader, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers,
                                device=s.device)
+    # BatchNorm statistics of these frames, not of ImageNet ("AdaBN"), as every later validation recalibrates them
+    # (training.bn_recalibration_samples): lp_ft's heads must fit the features its fine-tuning starts from.
+    recalibrate_batchnorm(s.model, loader(s.calib_ds), s.device, cfg.training.bn_recalibration_samples, s.amp_dtype)
     feats = probe.dataset_features(s.model, s.calib_ds, loader, s.device)
     try:
         chosen = probe.fit_heads(s.model, feats, s.calib_ds.index, balanced=cfg.data.balance != "none")
