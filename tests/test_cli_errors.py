@@ -193,6 +193,7 @@ def test_synth_then_check_data_lists_every_stack(capsys, tmp_path):
     assert (starter["experiment_name"], starter["output_dir"]) == ("synthetic", "outputs")  # README's run paths
 
 
+@pytest.mark.slow
 def test_predict_on_stacks_with_too_few_channels(capsys, tiny_config, tmp_path):
     code = main(["train", "--config", str(tiny_config), "--set", "training.epochs=1"])
     run = Path(capsys.readouterr().out.strip().splitlines()[-1])

@@ -15,6 +15,7 @@ from cellmtl.config import load_config
 from .conftest import write_config
 
 
+@pytest.mark.slow
 def test_compare_seeds_1_writes_tables_and_prints_folder_last(capsys, tmp_path, tiny_experiment):
     cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, training={"epochs": 1})
     assert main(["compare", "--config", str(cfg), "--seeds", "1"]) == 0

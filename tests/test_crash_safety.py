@@ -54,6 +54,7 @@ def small_cfg(tiny_config: Path, *overrides: str):
     return load_config(tiny_config, ["training.bn_recalibration_samples=16", *overrides])
 
 
+@pytest.mark.slow
 def test_non_finite_loss_never_updates_weights_and_stops_the_run(tiny_config, tmp_path, monkeypatch):
     s = training.setup(small_cfg(tiny_config, "training.batch_size=4", "training.epochs=1"))
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
@@ -78,6 +79,7 @@ def test_non_finite_loss_never_updates_weights_and_stops_the_run(tiny_config, tm
     assert not list(s.run_dir.glob("checkpoints/*.pt"))  # nothing checkpointed
 
 
+@pytest.mark.slow
 def test_one_nan_input_is_skipped_and_training_goes_on(tiny_config, monkeypatch):
     s = training.setup(small_cfg(tiny_config, "training.epochs=1"))
     load = s.train_ds.load_image
@@ -110,6 +112,7 @@ def read_rows(run: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "rss_mib")} for r in csv.DictReader(fh)]
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_memory_stays_flat(tiny_config, monkeypatch):
     monkeypatch.setattr(training, "write_run_plots", lambda *args, **kwargs: None)  # not under test; slow
     n, k = 6, 4

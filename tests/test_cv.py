@@ -42,6 +42,7 @@ def test_fold_assignment_says_why_it_is_impossible():
         fold_assignment(records, 4, seed=0)
 
 
+@pytest.mark.slow
 def test_cv_resumes_missing_folds_and_summarises(tmp_path, tiny_experiment, capsys, monkeypatch):
     monkeypatch.setattr("cellmtl.training.write_run_plots", lambda *a, **k: [])  # plots are tested elsewhere
     # 4 groups of (infected, mock); g3 (s6, s7) is held out as test, so each of 3 folds is one group
@@ -105,6 +106,7 @@ def test_cv_cli_bad_input(tmp_path, tiny_config, capsys):
     assert "cv_plan.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cv_seeds_repeat_each_fold_on_the_same_split(tmp_path, tiny_experiment, monkeypatch):
     monkeypatch.setattr("cellmtl.training.write_run_plots", lambda *a, **k: [])
     cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_experiment, seed=7,

@@ -61,6 +61,7 @@ def test_pick_frames_by_hand():
     assert pick_frames(None, np.full(3, -1), err) == {0: ["first"], 1: ["middle", "largest time error"], 2: ["last"]}
 
 
+@pytest.mark.slow
 def test_explain_cli_writes_montages_and_index(tmp_path, tiny_config, tiny_experiment, capsys, monkeypatch):
     monkeypatch.setattr("cellmtl.training.write_run_plots", lambda *a, **k: [])  # plots are tested elsewhere
     assert main(["train", "--config", str(tiny_config), "--set", "training.epochs=1"]) == 0

@@ -110,6 +110,7 @@ COMBOS = [
 
 @pytest.mark.parametrize("sections", COMBOS, ids=["per_class-nll-zero-uncertainty-context", "conditioned-l1-ignore-dwa",
                                                   "mse-gradnorm"])
+@pytest.mark.slow
 def test_options_train_an_epoch_and_are_recorded(sections, tmp_path, tiny_experiment):
     from cellmtl.training import setup, train
 
