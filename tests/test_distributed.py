@@ -75,7 +75,7 @@ def test_torchrun_two_cpu_processes(tiny_config, tiny_experiment, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model
     # Val metrics gathered over both ranks == one process scoring best.pt on the whole val split.
     ev = json.loads(evaluate_run(run, checkpoint="best", split="val").read_text())
-    best = rows[ckpt["best_epoch"] - 1]
+    best = rows[ckpt["epoch"] - 1]  # best.pt is the best epoch's checkpoint
     n_val = sum(1 for _ in csv.DictReader((run / "predictions_val.csv").open()))
     assert ev["n_frames"] == n_val
     for k, v in ev["metrics"].items():

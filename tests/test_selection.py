@@ -62,8 +62,8 @@ def test_early_stopping_and_best_checkpoint_for_test(monkeypatch, tiny_config):
     real_validate = training.validate
     calls = {"n": 0}
 
-    def fake_validate(s, ds, loader=None):
-        metrics, preds = real_validate(s, ds, loader)
+    def fake_validate(s, ds, loader=None, keep_maps=False):
+        metrics, preds = real_validate(s, ds, loader, keep_maps)
         if ds is s.val_ds and loader is not None:  # the per-epoch validation inside fit()
             metrics["cls_auc"] = next(aucs)
             calls["n"] += 1
