@@ -16,7 +16,7 @@ nuclear immediate-early reporter (an ICP4 fusion) lights up within the well's la
 into a replication compartment that grows from 3 h and fills the nucleus by 12 h, pushing the stained chromatin to the
 rim (a ring in the nuclear channel); the cells round up from 8 h; each well runs the programme at its own pace
 (0.9-1.1x). It exists because in `synchronous` even hand-made features cannot tell the time since infection across
-wells (docs/MULTITASK_LEARNING.md, "Quality on unseen data"), so that experiment cannot show whether the training
+wells (docs/VALIDATION.md, "Quality on unseen data"), so that experiment cannot show whether the training
 defaults learn a time that is in the images. Mock wells follow the same rules in every course, and `synchronous`
 renders exactly what it did before the other courses existed.
 

@@ -210,7 +210,7 @@ def pretrained_state_dict(name: str) -> dict[str, torch.Tensor]:
         raise BadInputError(
             f"model.pretrained: could not load ImageNet weights for {name} ({exc.__class__.__name__}); "
             f"offline, download {weights.url} and put it at {cached}, or set model.weights to a local file "
-            "(docs: Few wells? Start from pretrained weights), or set model.pretrained: false"
+            "(docs/GUIDE.md, \"Few wells? Start from pretrained weights\"), or set model.pretrained: false"
         ) from None
 
 

@@ -59,8 +59,8 @@ def write_starter_config(manifest: Path, path: Path) -> Path:
 STARTER_HEADER = """\
 # cellmtl starter config for the synthetic experiment beside it (every key: configs/multitask_example.yaml).
 # Few wells of your own (under ~30 training stacks)? The time head needs pretrained features to transfer to
-# new wells: start from ImageNet weights with a frozen-feature probe (docs/MULTITASK_LEARNING.md, "Few wells?
-# Start from pretrained weights"), e.g.
+# new wells: start from ImageNet weights with a frozen-feature probe (docs/GUIDE.md, "Few wells? Start from
+# pretrained weights"), e.g.
 #   cellmtl train --config config.yaml --set model.name=mobilenet_v2 \\
 #     --set model.weights=.weights/mobilenet_v2_imagenet.pt --set training.strategy=probe \\
 #     --set multitask.time_head=per_class --set data.image_size=224

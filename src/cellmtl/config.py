@@ -82,15 +82,15 @@ class NormalizationConfig(_Strict):
     reporter that is dark in mock wells stays dark), for experiments imaged with identical settings.
     `range_floor` (per_image, opt-in): each channel's range is widened by this fraction of a bright
     training image's range, so a nearly empty channel (a mock well's reporter) stays dark instead of
-    having its camera noise stretched to full scale (see docs: it made new mock wells look infected less
-    often, but did not help the time head)."""
+    having its camera noise stretched to full scale (docs/VALIDATION.md, "Normalisation": it made new mock
+    wells look infected less often, but did not help the time head)."""
 
     mode: Literal["dataset", "per_image"] = Field(
         "per_image", description="per_image: each image scaled by its own per-channel percentiles (robust to gain "
         "and exposure differences between stacks, which dominate what a model learns from a few dozen wells); "
         "dataset: per-channel percentiles measured once on training frames (keeps absolute brightness, e.g. a "
         "reporter that is dark in mock wells; for stacks imaged with identical settings). See "
-        "docs/MULTITASK_LEARNING.md, \"Which normalisation?\""
+        "docs/GUIDE.md, \"Which normalisation?\""
     )
     percentiles: tuple[float, float] = Field(
         (1.0, 99.8), description="[low, high] intensity percentiles mapped to 0 and 1, per channel (cellpose's "
@@ -146,8 +146,8 @@ class DataConfig(_Strict):
     channels: list[int] | list[str] | None = Field(
         None, description="channels the model sees, in this order: null = all, a list of indices (e.g. [0, 2]), or "
         "of names (e.g. [DAPI, ICP4]) matched against the manifest's channels column or the files' own channel "
-        "names, so files that store their stains in different orders are read alike (docs/MULTITASK_LEARNING.md, "
-        "\"Channels that differ in order between files\")"
+        "names, so files that store their stains in different orders are read alike (docs/GUIDE.md, "
+        "\"Channels by name\")"
     )
     image_size: int = Field(128, ge=16, le=2048, description="model input side in pixels: each frame is resized "
                             "(bilinear, antialiased) to image_size x image_size; unused with tile_size (the tile is "
@@ -240,7 +240,7 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     """The backbone and its heads. With few training wells, start from pretrained weights (`weights` or
-    `pretrained`) and `training.strategy: probe` (docs: "Few wells? Start from pretrained weights")."""
+    `pretrained`) and `training.strategy: probe` (docs/GUIDE.md, "Few wells? Start from pretrained weights")."""
 
     name: str = Field("resnet18", description="the backbone: any torchvision classification model (resnet18, "
                       "mobilenet_v2, mobilenet_v3_*, efficientnet_b0, convnext_tiny, regnet_*, ...); timm models "
@@ -305,7 +305,7 @@ class MultitaskConfig(_Strict):
     weighting: Literal["fixed", "uncertainty", "dwa", "gradnorm"] = Field(
         "fixed", description="fixed: classification_weight/regression_weight; uncertainty (Kendall 2018), "
         "dwa (Liu 2019), gradnorm (Chen 2018) adapt the weights during training (task.mode multitask only; tuned "
-        "fixed weights are hard to beat: docs/MULTITASK_LEARNING.md, \"Multi-task options\")"
+        "fixed weights are hard to beat: docs/GUIDE.md, \"Multi-task options\")"
     )
     dwa_temperature: float = Field(2.0, gt=0.0, description="weighting dwa: softmax temperature of the loss-ratio "
                                    "weights (higher = closer to equal weights)")
@@ -376,7 +376,7 @@ class Config(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig, description="the backbone, its starting weights and the "
                                "heads. Few wells (under ~30 training stacks)? Start from pretrained weights (e.g. "
                                "name mobilenet_v2 with weights, or pretrained: true with internet) and "
-                               "training.strategy probe: docs/MULTITASK_LEARNING.md, \"Few wells? Start from "
+                               "training.strategy probe: docs/GUIDE.md, \"Few wells? Start from "
                                "pretrained weights\"")
     task: TaskConfig = Field(default_factory=TaskConfig, description="which heads are trained")
     multitask: MultitaskConfig = Field(default_factory=MultitaskConfig, description="time targets and how the two "

@@ -673,15 +673,16 @@ def time_head_note(val: dict[str, Any], pretrained: bool = False) -> str | None:
     """A note when, at best.pt, the predicted time hardly changes inside the val stacks of a class: the
     time head then gives each new well about one value (its MAE can still look moderate), and `predict`'s
     onset estimates for such wells mean little. Measured on a hold-out experiment with 8 training wells
-    (docs: Quality on unseen data), where this was the case for every infected val stack."""
+    (docs/VALIDATION.md, "Quality on unseen data"), where this was the case for every infected val stack."""
     flat = [(k.removeprefix("reg_slope_"), float(val[k])) for k in SLOPE_METRICS
             if val.get(k) is not None and float(val[k]) < FLAT_SLOPE]
     if not flat:
         return None
     what = " and ".join(f"{c} stacks (slope {v:.2f})" for c, v in flat)
-    remedy = ("more training wells help (docs: Quality on unseen data)" if pretrained else
+    remedy = ("more training wells help (docs/VALIDATION.md, \"Quality on unseen data\")" if pretrained else
               "more training wells help, and so do pretrained weights: model.name mobilenet_v2 with model.weights "
-              "(or model.pretrained) and training.strategy probe (docs: Few wells? Start from pretrained weights)")
+              "(or model.pretrained) and training.strategy probe (docs/GUIDE.md, \"Few wells? Start from pretrained "
+              "weights\")")
     return (f"note: inside the val {what} the predicted time hardly follows the clock (1 = it does): the "
             "time head gives each new well about one value, so do not read time or est_onset_hour from it for "
             f"such wells; {remedy}")

@@ -45,7 +45,8 @@ PLACEHOLDERS = {
     "*": r"[^/]*?",
 }
 
-# The exporters' documented file names (see docs: where each form comes from).
+# The exporters' documented file names (docs/VALIDATION.md, "Where the plate presets come from", says where each
+# form comes from).
 PRESETS = {
     # Incucyte "Export Images": <vessel>_<channel>_<well>_<image>_<elapsed ddDhhHmmM>, e.g.
     # VID1957_phase_E11_5_06d12h05m.tif
