@@ -37,9 +37,10 @@ import numpy as np  # noqa: E402
 import tifffile  # noqa: E402
 import torch  # noqa: E402
 
-from cellmtl import training  # noqa: E402
 from cellmtl.config import config_from_dict  # noqa: E402
 from cellmtl.engine import run_model  # noqa: E402
+from cellmtl.runtime import make_loader  # noqa: E402
+from cellmtl.training import loop, rundir, state  # noqa: E402
 
 
 def write_experiment(root: Path, n_stacks: int, n_frames: int, size: int, compress: bool = False) -> Path:
@@ -58,7 +59,7 @@ def write_experiment(root: Path, n_stacks: int, n_frames: int, size: int, compre
     return root / "manifest.csv"
 
 
-def make_setup(manifest: Path, out: Path, args: argparse.Namespace, workers: int, cache: str) -> training.Setup:
+def make_setup(manifest: Path, out: Path, args: argparse.Namespace, workers: int, cache: str) -> state.Setup:
     raw = {
         "experiment_name": "bench",
         "output_dir": str(out),
@@ -69,10 +70,10 @@ def make_setup(manifest: Path, out: Path, args: argparse.Namespace, workers: int
         "training": {"epochs": 1000, "batch_size": args.batch, "progress": False, "compile": args.compile,
                      "device": args.device, "warmup_epochs": 0.0, "num_threads": args.threads},
     }
-    return training.setup(config_from_dict(raw, "bench_train"))
+    return state.setup(config_from_dict(raw, "bench_train"))
 
 
-def in_memory_batches(s: training.Setup, loader, n_batches: int) -> list[dict]:
+def in_memory_batches(s: state.Setup, loader, n_batches: int) -> list[dict]:
     """Real batches from the pipeline's training `loader`, kept in memory (on the GPU when there is one)."""
     out = []
     for batch in loader:
@@ -82,7 +83,7 @@ def in_memory_batches(s: training.Setup, loader, n_batches: int) -> list[dict]:
     return out
 
 
-def timed(s: training.Setup, fn) -> float:
+def timed(s: state.Setup, fn) -> float:
     if s.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -96,7 +97,7 @@ def measure(args: argparse.Namespace, manifest: Path, out: Path, settings: list[
     """Median images/s of (a), and of (b) for each (workers, cache) setting, rounds alternating."""
     setups = {st: make_setup(manifest, out, args, *st) for st in settings}
     main = setups[settings[0]]
-    samplers_loaders = {st: training.build_loaders(s)[:2] for st, s in setups.items()}
+    samplers_loaders = {st: loop.build_loaders(s)[:2] for st, s in setups.items()}
     n_train = len(samplers_loaders[settings[0]][0]) // args.batch
     memory = in_memory_batches(main, samplers_loaders[settings[0]][1], n_train)
     imgs = sum(len(b["image"]) for b in memory)
@@ -105,7 +106,7 @@ def measure(args: argparse.Namespace, manifest: Path, out: Path, settings: list[
     def pipeline(st):
         sampler, loader = samplers_loaders[st]
         sampler.set_epoch(epoch[0])
-        training.train_one_epoch(setups[st], loader, epoch[0])
+        loop.train_one_epoch(setups[st], loader, epoch[0])
 
     ratios: dict[tuple[int, str], list[float]] = {st: [] for st in settings}
     model_s, pipe_s = [], {st: [] for st in settings}
@@ -115,7 +116,7 @@ def measure(args: argparse.Namespace, manifest: Path, out: Path, settings: list[
         times = {}
         for st in settings if b_first else []:
             times[st] = timed(setups[st], lambda st=st: pipeline(st))
-        a = imgs / timed(main, lambda: training.train_one_epoch(main, memory, epoch[0]))
+        a = imgs / timed(main, lambda: loop.train_one_epoch(main, memory, epoch[0]))
         for st in [] if b_first else settings:
             times[st] = timed(setups[st], lambda st=st: pipeline(st))
         for st in settings:
@@ -141,16 +142,16 @@ def measure(args: argparse.Namespace, manifest: Path, out: Path, settings: list[
     best_model = []
     for _ in range(2):
         epoch[0] += 1
-        best_model.append(imgs / timed(main, lambda: training.train_one_epoch(main, memory, epoch[0])))
+        best_model.append(imgs / timed(main, lambda: loop.train_one_epoch(main, memory, epoch[0])))
     torch.set_num_threads(threads)
     infer_ds = main.calib_ds
-    infer_loader = training.make_loader(infer_ds, batch_size=args.batch, num_workers=main.cfg.data.num_workers,
+    infer_loader = make_loader(infer_ds, batch_size=args.batch, num_workers=main.cfg.data.num_workers,
                                         device=main.device)
     run_model(main.model, infer_loader, main.device, amp_dtype=main.amp_dtype)  # warm-up
     infer = [len(infer_ds) / timed(main, lambda: run_model(main.model, infer_loader, main.device,
                                                             amp_dtype=main.amp_dtype)) for _ in range(3)]
     for s in setups.values():
-        training.close_logger(s.logger)
+        rundir.close_logger(s.logger)
     res = {"model_img_s": float(np.median(model_s)), "infer_img_s": float(np.median(infer)),
            "model_img_s_all_cores": float(np.median(best_model)),
            f"data_only_img_s[workers={settings[0][0]},cache={settings[0][1]}]": float(np.median(data))}

@@ -84,10 +84,10 @@ def _training_tests_are_marked_slow(request, monkeypatch):
     """A test that trains a model in this process must carry `@pytest.mark.slow` (so `-m "not slow"` is the
     quick suite): training an epoch or fitting a probe in an unmarked test fails it, naming the mark."""
     if request.node.get_closest_marker("slow") is None:
-        import cellmtl.training as training
+        from cellmtl.training import loop, run
 
         def refuse(*_args, **_kwargs):
             raise AssertionError(f"{request.node.nodeid} trains a model: mark it @pytest.mark.slow")
 
-        monkeypatch.setattr(training, "train_one_epoch", refuse)
-        monkeypatch.setattr(training, "probe_heads", refuse)
+        monkeypatch.setattr(loop, "train_one_epoch", refuse)
+        monkeypatch.setattr(run, "probe_heads", refuse)

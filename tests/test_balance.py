@@ -9,7 +9,9 @@ import torch
 from cellmtl.config import load_config
 from cellmtl.data.dataset import EpochSampler, balanced_sample_weights, class_weights
 from cellmtl.losses import MultiTaskLoss
-from cellmtl.training import close_logger, setup, train_sampler
+from cellmtl.training.loop import train_sampler
+from cellmtl.training.rundir import close_logger
+from cellmtl.training.state import setup
 from tests.conftest import write_config
 
 

@@ -13,10 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cellmtl import training
 from cellmtl.config import load_config
 from cellmtl.errors import TrainingError
 from cellmtl.fileio import atomic_write
+from cellmtl.runtime import make_loader
+from cellmtl.training import loop
+from cellmtl.training.run import train
+from cellmtl.training.rundir import close_logger
+from cellmtl.training.state import setup
 
 
 def _save_forever(path: str, i: int) -> None:
@@ -56,7 +60,7 @@ def small_cfg(tiny_config: Path, *overrides: str):
 
 @pytest.mark.slow
 def test_non_finite_loss_never_updates_weights_and_stops_the_run(tiny_config, tmp_path, monkeypatch):
-    s = training.setup(small_cfg(tiny_config, "training.batch_size=4", "training.epochs=1"))
+    s = setup(small_cfg(tiny_config, "training.batch_size=4", "training.epochs=1"))
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
     opt_before = len(s.optimizer.state)
 
@@ -68,10 +72,10 @@ def test_non_finite_loss_never_updates_weights_and_stops_the_run(tiny_config, tm
 
     monkeypatch.setattr(s, "loss_fn", nan_loss)
     with pytest.raises(TrainingError) as err:
-        training.fit(s)
-    training.close_logger(s.logger)
+        loop.fit(s)
+    close_logger(s.logger)
     msg = str(err.value)
-    steps = training.MAX_BAD_STEPS
+    steps = loop.MAX_BAD_STEPS
     assert f"{steps} non-finite loss values in a row at epoch 1, step {steps - 1}; stacks in the last batch: s" in msg
     after = s.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BatchNorm statistics
@@ -81,7 +85,7 @@ def test_non_finite_loss_never_updates_weights_and_stops_the_run(tiny_config, tm
 
 @pytest.mark.slow
 def test_one_nan_input_is_skipped_and_training_goes_on(tiny_config, monkeypatch):
-    s = training.setup(small_cfg(tiny_config, "training.epochs=1"))
+    s = setup(small_cfg(tiny_config, "training.epochs=1"))
     load = s.train_ds.load_image
     poisoned = int(len(s.train_ds) // 2)
 
@@ -91,16 +95,16 @@ def test_one_nan_input_is_skipped_and_training_goes_on(tiny_config, monkeypatch)
 
     monkeypatch.setattr(s.train_ds, "load_image", load_image)
     before = [p.detach().clone() for p in s.model.parameters()]
-    loader = training.make_loader(s.train_ds, batch_size=8, num_workers=0, device=s.device)
-    training.train_one_epoch(s, loader, 1)
-    training.check_finite_weights(s, 1)  # what fit() runs before every checkpoint
-    training.close_logger(s.logger)
+    loader = make_loader(s.train_ds, batch_size=8, num_workers=0, device=s.device)
+    loop.train_one_epoch(s, loader, 1)
+    loop.check_finite_weights(s, 1)  # what fit() runs before every checkpoint
+    close_logger(s.logger)
     assert "non-finite loss at epoch 1 step" in (s.run_dir / "train.log").read_text()
     assert any(not torch.equal(a, b) for a, b in zip(before, s.model.parameters(), strict=True))  # others trained
     for p in s.model.parameters():
         p.data[0] = float("nan") if p.dim() == 1 else p.data[0]
     with pytest.raises(TrainingError, match="non-finite weights after epoch 2"):
-        training.check_finite_weights(s, 2)
+        loop.check_finite_weights(s, 2)
 
 
 class Crash(Exception):
@@ -114,14 +118,14 @@ def read_rows(run: Path) -> list[dict[str, str]]:
 
 @pytest.mark.slow
 def test_resume_is_exact_and_memory_stays_flat(tiny_config, monkeypatch):
-    monkeypatch.setattr(training, "write_run_plots", lambda *args, **kwargs: None)  # not under test; slow
+    monkeypatch.setattr(loop, "write_run_plots", lambda *args, **kwargs: None)  # not under test; slow
     n, k = 6, 4
-    full = training.train(small_cfg(tiny_config, f"training.epochs={n}"))
+    full = train(small_cfg(tiny_config, f"training.epochs={n}"))
     with (full / "metrics.csv").open() as fh:
         rss = [float(r["rss_mib"]) for r in csv.DictReader(fh)]
     assert rss[5] <= 1.10 * rss[1], f"RSS grew from {rss[1]} MiB (epoch 2) to {rss[5]} MiB (epoch 6)"
 
-    write = training.write_metrics_csv
+    write = loop.write_metrics_csv
 
     def crash_after_k(history, path):
         write(history, path)
@@ -129,11 +133,11 @@ def test_resume_is_exact_and_memory_stays_flat(tiny_config, monkeypatch):
             raise Crash  # as if killed right after epoch k's checkpoint
 
     with monkeypatch.context() as m:
-        m.setattr(training, "write_metrics_csv", crash_after_k)
+        m.setattr(loop, "write_metrics_csv", crash_after_k)
         with pytest.raises(Crash):
-            training.train(small_cfg(tiny_config, f"training.epochs={n}"))
+            train(small_cfg(tiny_config, f"training.epochs={n}"))
     runs = sorted(full.parent.iterdir())
     interrupted = runs[-1]
     assert interrupted != full and len(read_rows(interrupted)) == k
-    assert training.train(None, resume=interrupted) == interrupted
+    assert train(None, resume=interrupted) == interrupted
     assert read_rows(interrupted) == read_rows(full)  # identical losses and metrics, epoch by epoch

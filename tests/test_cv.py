@@ -44,7 +44,7 @@ def test_fold_assignment_says_why_it_is_impossible():
 
 @pytest.mark.slow
 def test_cv_resumes_missing_folds_and_summarises(tmp_path, tiny_experiment, capsys, monkeypatch):
-    monkeypatch.setattr("cellmtl.training.write_run_plots", lambda *a, **k: [])  # plots are tested elsewhere
+    monkeypatch.setattr("cellmtl.training.loop.write_run_plots", lambda *a, **k: [])  # plots are tested elsewhere
     # 4 groups of (infected, mock); g3 (s6, s7) is held out as test, so each of 3 folds is one group
     cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_experiment, data={"test_stacks": ["s6", "s7"]},
                                    training={"epochs": 1, "bn_recalibration_samples": 0}))
@@ -108,7 +108,7 @@ def test_cv_cli_bad_input(tmp_path, tiny_config, capsys):
 
 @pytest.mark.slow
 def test_cv_seeds_repeat_each_fold_on_the_same_split(tmp_path, tiny_experiment, monkeypatch):
-    monkeypatch.setattr("cellmtl.training.write_run_plots", lambda *a, **k: [])
+    monkeypatch.setattr("cellmtl.training.loop.write_run_plots", lambda *a, **k: [])
     cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_experiment, seed=7,
                                    training={"epochs": 1, "bn_recalibration_samples": 0}))
     cv_dir = run_cv(cfg, folds=2, seeds=2)

@@ -213,7 +213,7 @@ def test_memory_cache_gives_the_same_samples(tiny_config):
     """data.cache: memory decodes each frame once; samples (augmented ones too) are unchanged."""
     from cellmtl.config import load_config
     from cellmtl.data.dataset import build_normalizer, load_experiment
-    from cellmtl.training import datasets, split_indices
+    from cellmtl.training.state import datasets, split_indices
 
     cfg = load_config(tiny_config)
     exp = load_experiment(cfg)

@@ -63,7 +63,7 @@ def test_pick_frames_by_hand():
 
 @pytest.mark.slow
 def test_explain_cli_writes_montages_and_index(tmp_path, tiny_config, tiny_experiment, capsys, monkeypatch):
-    monkeypatch.setattr("cellmtl.training.write_run_plots", lambda *a, **k: [])  # plots are tested elsewhere
+    monkeypatch.setattr("cellmtl.training.loop.write_run_plots", lambda *a, **k: [])  # plots are tested elsewhere
     assert main(["train", "--config", str(tiny_config), "--set", "training.epochs=1"]) == 0
     run = Path(capsys.readouterr().out.strip().splitlines()[-1])
     ckpt = str(run / "checkpoints" / "best.pt")

@@ -112,7 +112,8 @@ COMBOS = [
                                                   "mse-gradnorm"])
 @pytest.mark.slow
 def test_options_train_an_epoch_and_are_recorded(sections, tmp_path, tiny_experiment):
-    from cellmtl.training import setup, train
+    from cellmtl.training.run import train
+    from cellmtl.training.state import setup
 
     cfg_path = write_config(tmp_path / "cfg.yaml", tiny_experiment, training={"epochs": 1}, **sections)
     run = train(load_config(cfg_path))
@@ -141,7 +142,7 @@ def test_options_train_an_epoch_and_are_recorded(sections, tmp_path, tiny_experi
             elif k != "opt":
                 assert restored[k] == v
     finally:
-        from cellmtl.training import close_logger
+        from cellmtl.training.rundir import close_logger
 
         close_logger(s.logger)
 

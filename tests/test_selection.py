@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from cellmtl import training
 from cellmtl.config import load_config
-from cellmtl.training import is_better, selection_hint, time_head_note
+from cellmtl.training import loop
+from cellmtl.training.run import train
+from cellmtl.training.selection import is_better, selection_hint, time_head_note
 
 
 def test_direction_is_inferred():
@@ -59,7 +60,7 @@ def test_early_stopping_and_best_checkpoint_for_test(monkeypatch, tiny_config):
     """Validation AUC falls after epoch 1: training stops after `patience` epochs and the test split is
     scored with epoch 1's weights."""
     aucs = iter([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
-    real_validate = training.validate
+    real_validate = loop.validate
     calls = {"n": 0}
 
     def fake_validate(s, ds, loader=None, keep_maps=False):
@@ -69,10 +70,10 @@ def test_early_stopping_and_best_checkpoint_for_test(monkeypatch, tiny_config):
             calls["n"] += 1
         return metrics, preds
 
-    monkeypatch.setattr(training, "validate", fake_validate)
+    monkeypatch.setattr(loop, "validate", fake_validate)
     cfg = load_config(tiny_config, ["training.epochs=6", "training.early_stopping_patience=2",
                                     "data.test_fraction=0.25"])
-    run = training.train(cfg)
+    run = train(cfg)
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2", "3"] and calls["n"] == 3
     results = json.loads((run / "results.json").read_text())

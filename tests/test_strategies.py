@@ -14,7 +14,7 @@ from cellmtl.checkpoints import Checkpoint
 from cellmtl.cli import main
 from cellmtl.data.dataset import SampleIndex
 from cellmtl.models import ModelSpec, MultiTaskNet
-from cellmtl.probe import Standardiser, fit_heads, stack_folds
+from cellmtl.training.probe import Standardiser, fit_heads, stack_folds
 from tests.conftest import write_config
 
 
@@ -149,9 +149,9 @@ def test_probe_features_of_a_temporal_context_are_computed_once_per_frame(tiny_e
 
     from cellmtl.config import load_config
     from cellmtl.data.dataset import build_normalizer, load_experiment
-    from cellmtl.probe import context_plan, dataset_features
     from cellmtl.runtime import make_loader
-    from cellmtl.training import datasets, split_indices
+    from cellmtl.training.probe import context_plan, dataset_features
+    from cellmtl.training.state import datasets, split_indices
 
     cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_experiment, data={"temporal_context_hours": [-2, 0]},
                                    model={"head_hidden": None, "temporal_fusion": "features"},

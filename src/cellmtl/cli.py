@@ -70,7 +70,7 @@ STARTER_HEADER = """\
 
 def cmd_train(args: argparse.Namespace) -> int:
     from cellmtl.config import load_config
-    from cellmtl.training import train
+    from cellmtl.training.run import train
 
     if args.config is None and args.resume is None:
         raise BadInputError("train needs --config CFG (or --resume RUN_DIR_OR_CKPT)")

@@ -97,7 +97,7 @@ def compare(cfg: Config, seeds: int = 1, *, out_dir: Path | None = None,
             strategies: Sequence[str] | None = None) -> Path:
     """Train every mode (or every strategy of `strategies`, on the config's task) with seeds `cfg.seed ..
     cfg.seed + seeds - 1`; returns the comparison folder."""
-    from cellmtl.training import train
+    from cellmtl.training.run import train
 
     if seeds < 1:
         raise BadInputError(f"--seeds must be at least 1, got {seeds}")
@@ -167,7 +167,7 @@ def classical_results(mt_run: Path, seed: int) -> dict[str, Any]:
     from cellmtl.checkpoints import Checkpoint
     from cellmtl.data.dataset import load_experiment
     from cellmtl.metrics import compute_metrics
-    from cellmtl.training import split_indices
+    from cellmtl.training.state import split_indices
 
     t0 = time.perf_counter()
     ckpt = Checkpoint.load(mt_run / "checkpoints" / "best.pt")

@@ -33,7 +33,7 @@ from cellmtl.errors import BadInputError
 from cellmtl.fileio import write_csv, write_json, write_text
 from cellmtl.metrics import compute_metrics
 from cellmtl.runtime import Countdown
-from cellmtl.training import train
+from cellmtl.training.run import train
 
 PLAN = "cv_plan.json"
 MD_FOLD_KEYS = ("cls_auc", "cls_acc", "cls_f1", "reg_mae", "reg_rmse", "reg_mae_infected", "reg_mae_uninfected",

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cellmtl.config import config_from_dict
-from cellmtl.training import train
+from cellmtl.training.run import train
 
 DEMO_SYNTH = {"n_stacks": 12, "n_frames": 24, "size": 96, "seed": 0}
 
