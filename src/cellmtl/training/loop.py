@@ -67,7 +67,7 @@ def train_one_epoch(s: Setup, loader, epoch: int, bar: tqdm | None = None) -> di
     MAX_BAD_STEPS in a row stop the run, naming the epoch, step and stacks. `bar`: the run's overall
     progress bar (all epochs' steps, with the time left), advanced once per step."""
     s.model.train()
-    net = s.train_model or s.model
+    net = s.train_model if s.train_model is not None else s.model  # `or` would ask a compiled module for len()
     sums = {"total": 0.0, "cls": 0.0, "reg": 0.0}
     n, bad = 0, 0
     buffers = bn_buffers(s.model)
