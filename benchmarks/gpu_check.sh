@@ -70,11 +70,12 @@ for spec in "dev $DEVICE false" "compiled $DEVICE true" "cpu cpu false"; do
     [ -n "${RUN[$1]}" ] || FAILED+=("train $1")
     say "train $1 ($2, compile=$3): $(( ($(now_ms) - t0) / 1000 )) s -> ${RUN[$1]:-failed}"
 done
-# Tolerance: bf16 autocast and other kernels change the arithmetic, so runs of one seed do not match to the digit;
-# they must agree on what a user reads: AUC within 0.05, time MAE within 20 % (and 0.5 h).
-"$PY" - "$OUT" "${RUN[dev]:-}" "${RUN[compiled]:-}" "${RUN[cpu]:-}" <<'PY' || FAILED+=("metrics: GPU vs CPU")
+# Tolerance: bf16 autocast, compiled kernels and their RNG use change the arithmetic, so runs of one seed do not
+# match to the digit; they must agree on what a user reads: AUC within 0.05, time MAE within 20 % (and 0.5 h).
+# --smoke reports the comparison without enforcing it: 2 epochs on 8 tiny stacks are too noisy to compare.
+"$PY" - "$OUT" "$SMOKE" "${RUN[dev]:-}" "${RUN[compiled]:-}" "${RUN[cpu]:-}" <<'PY' || FAILED+=("metrics: GPU vs CPU")
 import json, sys
-out, runs = sys.argv[1], dict(zip(("dev", "compiled", "cpu"), sys.argv[2:]))
+out, smoke, runs = sys.argv[1], sys.argv[2] == "1", dict(zip(("dev", "compiled", "cpu"), sys.argv[3:]))
 res = {k: json.load(open(f"{v}/results.json"))["best"] for k, v in runs.items() if v}
 lines, ok = [], "cpu" in res
 for k in ("dev", "compiled"):
@@ -85,9 +86,10 @@ for k in ("dev", "compiled"):
     d_auc = abs((a["cls_auc"] or 0) - (c["cls_auc"] or 0))
     d_mae = abs(a["reg_mae"] - c["reg_mae"])
     agree = d_auc <= 0.05 and d_mae <= max(0.2 * c["reg_mae"], 0.5)
-    ok &= agree
-    lines.append(f"{k} vs cpu: cls_auc {a['cls_auc']:.3f} vs {c['cls_auc']:.3f}, reg_mae {a['reg_mae']:.2f} vs "
-                 f"{c['reg_mae']:.2f} h -> {'agree' if agree else 'DISAGREE'}")
+    ok &= agree or smoke
+    verdict = "agree" if agree else ("differ (not enforced in --smoke)" if smoke else "DISAGREE")
+    lines.append(f"{k} vs cpu: cls_auc {a['cls_auc'] or 0:.3f} vs {c['cls_auc'] or 0:.3f}, reg_mae {a['reg_mae']:.2f} "
+                 f"vs {c['reg_mae']:.2f} h -> {verdict}")
 with open(out, "a") as fh:
     fh.write("\n".join(lines) + "\n")
 print("\n".join(lines))
