@@ -13,6 +13,22 @@ import yaml
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`cellmtl` in this process: (exit code, stdout, stderr)."""
+    from cellmtl.cli import main
+
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_line(err: str) -> str:
+    """The one `error:` line of a bad-input run's stderr (and no traceback)."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def write_hyperstack(path: Path, arr: np.ndarray) -> Path:
     """ImageJ hyperstack TCYX (uint16)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,20 +26,7 @@ from cellmtl.data.readers import probe_stack, read_stack
 from cellmtl.data.table import read_table
 from cellmtl.errors import BadInputError
 from cellmtl.fileio import file_stem
-from tests.conftest import SHARED_DATA, tiny_stack, write_config
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
+from tests.conftest import SHARED_DATA, error_line, run_cli, tiny_stack, write_config
 
 # ---------------------------------------------------------------- metadata rules, by hand
 

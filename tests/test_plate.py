@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tifffile
 
-from cellmtl.cli import main
 from cellmtl.data.plate import (
     PRESETS,
     compile_pattern,
@@ -22,19 +21,7 @@ from cellmtl.data.plate import (
 )
 from cellmtl.data.readers import probe_stack, read_stack
 from cellmtl.errors import BadInputError
-from tests.conftest import write_config
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def error_line(err: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+from tests.conftest import error_line, run_cli, write_config
 
 
 @pytest.mark.parametrize("token, hours", [("00d12h30m", 12.5), ("01d00h00m", 24.0), ("12h", 12.0), ("12.5h", 12.5),

@@ -121,7 +121,7 @@ def plot_montage(
     """One row per frame: the input channels (a legend names each channel's colour), then each head's heat map
     over them, with a colour bar (the maps of one stack share one scale, so its frames compare)."""
     from cellmtl.reports.images import CHANNEL_COLORS
-    from cellmtl.reports.plots import new_figure
+    from cellmtl.reports.plots import new_figure, save_laid_out
 
     titles = {"infected": "Grad-CAM: infection", "time": "Grad-CAM: time"}
     ncols = 1 + len(heads)
@@ -149,11 +149,7 @@ def plot_montage(
     if shown is not None:
         bar = fig.colorbar(shown, cax=fig.add_axes((0.89, 0.1, 0.02, 0.7)))
         bar.set_label("Grad-CAM evidence (0 to the stack's maximum)", fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    fig.clear()
-    return path
+    return save_laid_out(fig, path, dpi=110)
 
 
 def caption(sid: str, frame: int, hours: float, roles: list[str], prob: float | None, t_pred: float | None,

@@ -157,12 +157,16 @@ def plots_sections(run_dir: Path) -> tuple[str, str, str, set[Path]]:
                 return d / name
         return None
 
-    key = []
-    for name, caption in KEY_PLOTS:
-        png = pick(name)
-        if png is not None:
-            key.append(_figure(png, caption))
-            shown.add(png)
+    def figures(specs: tuple[tuple[str, str], ...]) -> list[str]:
+        out = []
+        for name, caption in specs:
+            png = pick(name)
+            if png is not None:
+                out.append(_figure(png, caption))
+                shown.add(png)
+        return out
+
+    key = figures(KEY_PLOTS)
     maps_dir = next((d / "maps" for d in _plot_dirs(run_dir) if (d / "maps").is_dir()), None)
     for png in sorted(maps_dir.glob("*.png"))[:3] if maps_dir else []:
         key.append(_figure(png, f"Tile map: {png.stem}", wide=True))
@@ -170,12 +174,7 @@ def plots_sections(run_dir: Path) -> tuple[str, str, str, set[Path]]:
     curves = pick("learning_curves.png") if (run_dir / "plots" / "learning_curves.png").is_file() else None
     curves_html = _figure(curves, "Learning curves", wide=True) if curves else ""
     shown |= {curves} if curves else set()
-    detail = []
-    for name, caption in DETAIL_PLOTS:
-        png = pick(name)
-        if png is not None:
-            detail.append(_figure(png, caption))
-            shown.add(png)
+    detail = figures(DETAIL_PLOTS)
     return "".join(key), curves_html, "".join(detail), shown
 
 

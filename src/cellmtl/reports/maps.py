@@ -17,7 +17,7 @@ from matplotlib import colormaps
 
 from cellmtl.fileio import atomic_write
 from cellmtl.reports.images import composite
-from cellmtl.reports.plots import TITLE_SIZE, new_figure, save_figure
+from cellmtl.reports.plots import TITLE_SIZE, new_figure, save_figure, save_laid_out
 
 MAP_CHANNELS = ("prob_infected", "time_hours")
 MONTAGE_FRAMES = 6  # frames shown per stack: evenly spaced over its time course
@@ -52,11 +52,7 @@ def plot_map_montage(images: Sequence[np.ndarray], maps: Sequence[np.ndarray], h
     if shown is not None:
         bar = fig.colorbar(shown, cax=fig.add_axes((0.92, 0.1, 0.012, 0.66)))
         bar.set_label("prob_infected per tile", fontsize=9)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    fig.clear()
-    return path
+    return save_laid_out(fig, path, dpi=100)
 
 
 def montage_frames(n_frames: int, k: int = MONTAGE_FRAMES) -> list[int]:

@@ -51,6 +51,15 @@ def _style(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.tick_params(labelsize=TICK_SIZE)
 
 
+def save_laid_out(fig: Figure, path: Path, dpi: int = DPI) -> Path:
+    """Save a figure whose layout was set by hand (colour bars in their own axes), without tight_layout."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    fig.clear()
+    return path
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
