@@ -340,7 +340,8 @@ class TrainingConfig(_Strict):
     device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps; "
                         "--device on the command line sets it")
     num_threads: int | None = Field(
-        None, ge=1, description="CPU threads for PyTorch; null = cores not taken by DataLoader workers"
+        None, ge=1, description="CPU threads for PyTorch; null = all cores this process may use (divided among "
+        "torchrun's local processes; measured best on CPU, docs/PERFORMANCE.md)"
     )
     progress: bool = Field(True, description="a progress bar over all epochs' steps with the time left (drawn only "
                            "when stderr is a terminal)")

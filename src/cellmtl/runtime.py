@@ -27,15 +27,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def cpu_threads(requested: int | None, num_workers: int, processes: int = 1) -> int:
-    """Threads for PyTorch's CPU ops. By default the cores that DataLoader workers leave free: on small
-    machines intra-op threads that compete with the workers (or with each other, on tiny 64-px tensors)
-    make training several times slower, not faster. `processes`: training processes sharing this
-    machine's cores (torchrun's LOCAL_WORLD_SIZE)."""
+def cpu_threads(requested: int | None, processes: int = 1) -> int:
+    """Threads for PyTorch's CPU ops. By default every core this process may use (its share, when
+    `processes` training processes share the machine: torchrun's LOCAL_WORLD_SIZE), whatever the
+    DataLoader workers: they mostly wait, and giving them cores of their own left the model a core short
+    (measured in docs/PERFORMANCE.md, "CPU threads": on 2 cores, 1 thread beside 1-2 workers trained
+    at 0.5-0.8x the speed of 2 threads)."""
     if requested is not None:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(processes, 1) - num_workers)
+    return max(1, cores // max(processes, 1))
 
 
 def autocast_for(device: torch.device, amp: bool) -> tuple[torch.dtype | None, bool]:

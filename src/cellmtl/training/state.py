@@ -170,7 +170,7 @@ def setup(cfg: Config | None, *, resume: str | Path | None = None, overrides: li
     device = distributed.device_for(ctx, pick_device(cfg.training.device))
     if device.type == "cpu":
         procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if ctx.enabled else 1
-        torch.set_num_threads(cpu_threads(cfg.training.num_threads, cfg.data.num_workers, procs))
+        torch.set_num_threads(cpu_threads(cfg.training.num_threads, procs))
     indices = split_indices(cfg, exp)
     train_index = indices["train"]
     assert train_index is not None  # split_indices guarantees a train split
