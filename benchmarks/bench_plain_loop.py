@@ -62,7 +62,7 @@ class PlainFrames(torch.utils.data.Dataset):
         path, t, y, hours = self.items[i]
         img = tifffile.imread(path, key=[2 * t, 2 * t + 1]).astype(np.float32)  # (2, H, W)
         lo, hi = np.percentile(img, [1.0, 99.8], axis=(1, 2), keepdims=True)
-        img = np.clip((img - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
+        img = np.clip((img - lo) / np.maximum(hi - lo, 1e-6), 0, 1).astype(np.float32)
         x = F.interpolate(torch.from_numpy(img)[None], size=(self.size, self.size), mode="bilinear",
                           align_corners=False)[0]
         if torch.rand(()) < 0.5:
