@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--skip-fields", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.out) as tmp:
         root = Path(tmp)
         speeds = {}
