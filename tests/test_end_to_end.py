@@ -201,3 +201,16 @@ def test_export_onnx_matches_pytorch(capsys, tiny_config, tmp_path):
                            "onnx", "--out", str(tmp_path / "m2.onnx")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(tmp_path / "m2.onnx") and "INFO" not in proc.stderr, proc.stderr
+
+
+def test_demo_is_synth_train_evaluate(capsys, tmp_path):
+    """The SPEC's demo: synth + train + evaluate, so its report has the evaluation's bootstrap intervals."""
+    run = Path(cli(capsys, "demo", "--out", str(tmp_path / "demo"), "--epochs", "1"))
+    assert run.parent.parent == tmp_path / "demo" / "runs"
+    assert len(read_csv(tmp_path / "demo" / "data" / "manifest.csv")) == 12
+    ev = json.loads((run / "evaluation_val.json").read_text())
+    assert ev["split"] == "val" and ev["checkpoint"].endswith("best.pt") and ev["n_stacks"] == 4
+    assert set(ev["ci95_bootstrap_over_stacks"]) >= {"cls_auc", "reg_mae"}
+    assert (run / "per_stack_val.csv").is_file()
+    html = (run / "report.html").read_text()
+    assert "95% CI" in html and "bootstrap over stacks" in html
