@@ -87,6 +87,8 @@ def test_a_tile_model_end_to_end(capsys, tmp_path):
 
     assert main(["evaluate", "--run", str(run)]) == 0
     capsys.readouterr()
+    report = (run / "report.html").read_text()  # the evaluation's tile maps and plate view are in the report
+    assert "Plate view" in report and "Tile map: s0" in report
     out = tmp_path / "p.csv"
     assert main(["predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(manifest),
                  "--out", str(out), "--maps", str(tmp_path / "maps")]) == 0
