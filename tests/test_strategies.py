@@ -194,3 +194,32 @@ def test_fit_heads_other_time_heads_and_gaussian_nll(time_head):
     assert np.abs(model.time_hours(out["time"]).numpy() - hours).mean() < 1.0
     logvar = out["time_logvar"].numpy()
     assert np.allclose(logvar, logvar[0]) and np.exp(logvar[0]) * 9.0 < 2.0  # residual variance in h^2, ~0.25
+
+
+def test_batchnorm_calibration_frames_span_every_training_stack(tiny_experiment, tmp_path):
+    """`training.bn_recalibration_samples` below the training frames: the frames it re-estimates BatchNorm on come
+    from every training stack, evenly spaced, not the first stacks of the index (which runs stack by stack)."""
+    from cellmtl.config import load_config
+    from cellmtl.training.loop import calibration_frames, calibration_loader
+    from cellmtl.training.state import setup
+
+    assert calibration_frames(5, 8) == [0, 1, 2, 3, 4]
+    assert calibration_frames(100, 0) == []
+    picked = calibration_frames(100, 10)
+    assert len(picked) == len(set(picked)) == 10 and picked[0] == 0 and picked[-1] == 99
+    assert max(np.diff(picked)) - min(np.diff(picked)) <= 1
+
+    cfg = load_config(write_config(tmp_path / "cfg.yaml", tiny_experiment,
+                                   training={"bn_recalibration_samples": 12, "batch_size": 4}))
+    s = setup(cfg)
+    try:
+        train_stacks = {s.calib_ds.stack_ids[k] for k in np.unique(s.calib_ds.index.stack)}
+        first = {s.calib_ds.stack_ids[k] for k in s.calib_ds.index.stack[:12]}
+        assert len(s.calib_ds) > 12 and len(first) < len(train_stacks) == 6  # the first 12 frames miss stacks
+        seen = [sid for batch in calibration_loader(s) for sid in batch["stack_id"]]
+        assert len(seen) == 12 and set(seen) == train_stacks
+        assert sum(len(b["stack_id"]) for b in calibration_loader(s, drop_last=True)) == 12  # 3 full batches
+    finally:
+        from cellmtl.training.rundir import close_logger
+
+        close_logger(s.logger)

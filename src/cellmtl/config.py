@@ -333,7 +333,7 @@ class TrainingConfig(_Strict):
                                          "= no clipping")
     bn_recalibration_samples: int = Field(
         1024, ge=0, description="before each validation, re-estimate BatchNorm statistics on up to this many "
-        "training frames (stable val metrics on small data; 0 = off)"
+        "training frames, evenly spaced over the training stacks (stable val metrics on small data; 0 = off)"
     )
     amp: bool = Field(True, description="mixed precision on CUDA (bf16 where the GPU supports it, else fp16 with a "
                       "gradient scaler); always off on CPU")

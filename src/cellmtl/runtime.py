@@ -69,7 +69,7 @@ def make_loader(
     batch_size: int,
     num_workers: int,
     device: torch.device,
-    sampler: torch.utils.data.Sampler | None = None,
+    sampler: torch.utils.data.Sampler | Iterable[int] | None = None,
     drop_last: bool = False,
     persistent: bool = False,
 ) -> DataLoader:

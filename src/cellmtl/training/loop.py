@@ -126,6 +126,25 @@ def validate(s: Setup, ds: TimeCourseDataset, loader=None, keep_maps: bool = Fal
     return score(s.model, s.loss_fn, ds.index, preds, fixed_weights(s.cfg)), preds
 
 
+def calibration_frames(n: int, max_samples: int) -> list[int]:
+    """Which of `n` training samples re-estimate BatchNorm statistics: all of them, or `max_samples` evenly spaced.
+    The index runs stack by stack, so its first `max_samples` would be the first wells only."""
+    if max_samples <= 0:
+        return []
+    if n <= max_samples:
+        return list(range(n))
+    return np.linspace(0, n - 1, max_samples).round().astype(np.int64).tolist()
+
+
+def calibration_loader(s: Setup, *, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """The unaugmented training frames of `calibration_frames`, in index order, for `recalibrate_batchnorm`;
+    `drop_last` drops a last partial batch (where there is more than one batch)."""
+    cfg = s.cfg
+    frames = calibration_frames(len(s.calib_ds), cfg.training.bn_recalibration_samples)
+    return make_loader(s.calib_ds, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers,
+                       device=s.device, sampler=frames, drop_last=drop_last and len(frames) > cfg.training.batch_size)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(model: MultiTaskNet, loader, device: torch.device, max_samples: int,
                           amp_dtype: torch.dtype | None = None) -> None:
@@ -176,8 +195,7 @@ def build_loaders(s: Setup) -> tuple[Any, Any, Any, Any]:
     val_ds = torch.utils.data.Subset(s.val_ds, distributed.shard_indices(len(s.val_ds), s.ctx).tolist()) \
         if s.ctx.enabled else s.val_ds
     val_loader = make_loader(val_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device)
-    calib_loader = make_loader(s.calib_ds, batch_size=cfg.training.batch_size, num_workers=nw, device=s.device,
-                               drop_last=len(s.calib_ds) > cfg.training.batch_size)
+    calib_loader = calibration_loader(s, drop_last=True)
     return sampler, train_loader, val_loader, calib_loader
 
 

@@ -20,7 +20,14 @@ from cellmtl.metrics import (
 from cellmtl.reports.html import write_report
 from cellmtl.runtime import make_loader
 from cellmtl.training import probe
-from cellmtl.training.loop import check_finite_weights, finish, fit, recalibrate_batchnorm, validate
+from cellmtl.training.loop import (
+    calibration_loader,
+    check_finite_weights,
+    finish,
+    fit,
+    recalibrate_batchnorm,
+    validate,
+)
 from cellmtl.training.rundir import close_logger, rss_mib, write_metrics_csv
 from cellmtl.training.selection import VAL_LOG_KEYS
 from cellmtl.training.state import Setup, save_checkpoints, setup
@@ -37,7 +44,8 @@ def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, A
                                device=s.device)
     # BatchNorm statistics of these frames, not of ImageNet ("AdaBN"), as every later validation recalibrates them
     # (training.bn_recalibration_samples): lp_ft's heads must fit the features its fine-tuning starts from.
-    recalibrate_batchnorm(s.model, loader(s.calib_ds), s.device, cfg.training.bn_recalibration_samples, s.amp_dtype)
+    recalibrate_batchnorm(s.model, calibration_loader(s), s.device, cfg.training.bn_recalibration_samples,
+                          s.amp_dtype)
     feats = probe.dataset_features(s.model, s.calib_ds, loader, s.device)
     try:
         chosen = probe.fit_heads(s.model, feats, s.calib_ds.index, balanced=cfg.data.balance != "none")
