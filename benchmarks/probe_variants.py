@@ -1,0 +1,140 @@
+"""What else the probe could do, measured before building it: pooling of the frozen features, the order of the
+frames that re-estimate BatchNorm, and an out-of-fold recalibration of the time output.
+
+    python benchmarks/probe_variants.py [--stacks 12] [--seeds 0 1 2] [--out /tmp/cellmtl_pretrained]
+        [--context "[-6,-3,0]"] [--weights .weights/mobilenet_v2_imagenet.pt]
+
+Each seed's experiment is the one quality_pretrained.py renders (shared through `--out`) and the network is its
+`probe+ctx` variant (ImageNet MobileNetV2, 224 px, one ridge per class). The heads are fitted with the product's
+own functions (cellmtl.training.probe: stack-grouped CV for both strengths) on features this script pools itself:
+
+- pooling `avg` (the product: global average), `max`, `avg+max` (both concatenated), `avg+std`;
+- BatchNorm statistics re-estimated on the training frames `ordered` (the product: index order, stack by stack, in
+  batches of training.batch_size) or `shuffled` (a seeded permutation, the same batch size);
+- `oof`: the ridge's time output mapped by a line fitted to its out-of-fold predictions on the training stacks
+  (undoing the shrinkage towards the mean, if there is one to undo).
+
+The `avg` / `ordered` row reproduces quality_pretrained.py's `probe+ctx` figures. Prints val cls_auc and reg_mae per
+seed and their mean; nothing here changes the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from holdout_common import make_data
+from quality_pretrained import ROOT, overrides
+from sklearn.linear_model import Ridge
+from sklearn.metrics import roc_auc_score
+
+from cellmtl.config import load_config
+from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
+from cellmtl.runtime import make_loader
+from cellmtl.training import probe
+from cellmtl.training.loop import recalibrate_batchnorm
+from cellmtl.training.rundir import close_logger
+from cellmtl.training.state import setup
+
+POOLS = {"avg": ("avg",), "max": ("max",), "avg+max": ("avg", "max"), "avg+std": ("avg", "std")}
+
+
+@torch.no_grad()
+def pooled(model, ds: TimeCourseDataset, batch_size: int) -> tuple[dict[str, np.ndarray], SampleIndex]:
+    """Per sample of `ds`, its context frames' feature maps pooled three ways, concatenated oldest first."""
+    frames, plan = probe.context_plan(ds)
+    single = TimeCourseDataset([r.info for r in ds.readers], ds.stack_ids, frames, channels=ds.channels,
+                               image_size=ds.image_size, normalizer=ds.normalizer)
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"avg": [], "max": [], "std": []}
+    for batch in make_loader(single, batch_size=batch_size, num_workers=0, device=torch.device("cpu")):
+        maps = model.backbone.features((batch["image"] - model.input_mean) / model.input_std)
+        parts["avg"].append(maps.mean((2, 3)))
+        parts["max"].append(maps.amax((2, 3)))
+        parts["std"].append(maps.std((2, 3)))
+    return {k: torch.cat(v).numpy()[plan].reshape(len(ds), -1) for k, v in parts.items()}, ds.index
+
+
+def fit_and_score(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleIndex, oof: bool) -> dict:
+    """The probe's heads (logistic; ridge per class, the predicted class picking the output) on train, val metrics."""
+    std = probe.Standardiser.fit(tr.astype(np.float64))
+    a, b = std(tr.astype(np.float64)), std(va.astype(np.float64))
+    groups, labels = itr.stack.astype(np.int64), itr.infected.astype(np.int64)
+    coef, icpt, _ = probe.fit_logistic(a, labels, groups, balanced=False)
+    logit = b @ coef + icpt
+    pred = np.zeros(len(b))
+    for cls in (0, 1):
+        keep = np.isfinite(itr.time_target) & (labels == cls)
+        y = itr.time_target[keep].astype(np.float64)
+        w, c, alpha, _ = probe.fit_ridge(a[keep], y, groups[keep])
+        rows = (logit >= 0) == bool(cls)
+        p = b[rows] @ w + c
+        if oof:
+            out = np.zeros(len(y))
+            for f_tr, f_te in probe.stack_folds(groups[keep]):
+                out[f_te] = Ridge(alpha=alpha).fit(a[keep][f_tr], y[f_tr]).predict(a[keep][f_te])
+            slope, intercept = np.polyfit(out, y, 1)
+            p = intercept + slope * p
+        pred[rows] = p
+    t = iva.time_target
+    timed = np.isfinite(t)
+    return {"cls_auc": float(roc_auc_score(iva.infected, logit)), "reg_mae": float(np.abs(pred - t)[timed].mean())}
+
+
+def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
+    manifest = make_data(args.out, seed, args.stacks)
+    cfg_path = args.out / f"config_probe_variants_{args.stacks}_seed{seed}.yaml"
+    cfg_path.write_text(yaml.safe_dump({"experiment_name": f"probe_variants_{args.stacks}_seed{seed}",
+                                        "output_dir": str(args.out / "runs"), "seed": seed,
+                                        "data": {"manifest": str(manifest)}, "training": {"progress": False}}))
+    sets = [o for o in overrides("probe+ctx", args.weights) if not o.startswith("data.temporal_context_hours")]
+    s = setup(load_config(cfg_path, [*sets, f"data.temporal_context_hours={args.context}"]))
+    bs = s.cfg.training.batch_size
+    rows = []
+    try:
+        for order in ("ordered", "shuffled"):
+            perm = torch.randperm(len(s.calib_ds), generator=torch.Generator().manual_seed(seed)).tolist()
+            frames = list(range(len(s.calib_ds))) if order == "ordered" else perm
+            loader = make_loader(s.calib_ds, batch_size=bs, num_workers=0, device=s.device, sampler=frames)
+            recalibrate_batchnorm(s.model, loader, s.device, len(frames))
+            tr, itr = pooled(s.model, s.calib_ds, bs)
+            va, iva = pooled(s.model, s.val_ds, bs)
+            for pool, keys in POOLS.items():
+                for oof in (False, True) if pool == "avg" else (False,):
+                    x_tr, x_va = (np.concatenate([d[k] for k in keys], axis=1) for d in (tr, va))
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        m = fit_and_score(x_tr, itr, x_va, iva, oof)
+                    name = f"pool {pool}, BatchNorm frames {order}" + (", time oof-recalibrated" if oof else "")
+                    rows.append({"seed": seed, "variant": name, **m})
+                    print(json.dumps(rows[-1]), flush=True)
+    finally:
+        close_logger(s.logger)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stacks", type=int, default=12)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_pretrained"))
+    ap.add_argument("--context", default="[-6,-3,0]", help="data.temporal_context_hours")
+    ap.add_argument("--weights", type=Path, default=ROOT / ".weights" / "mobilenet_v2_imagenet.pt")
+    args = ap.parse_args()
+    rows = [r for seed in args.seeds for r in one_seed(args, seed)]
+    print(f"\n### {args.stacks} stacks, probe with temporal context {args.context}, seeds {args.seeds}\n")
+    print("| variant | cls_auc per seed | reg_mae per seed (h) | mean reg_mae (h) |\n| --- | --- | --- | --- |")
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        mine = [r for r in rows if r["variant"] == name]
+        aucs = " / ".join(f"{r['cls_auc']:.3f}" for r in mine)
+        maes = " / ".join(f"{r['reg_mae']:.2f}" for r in mine)
+        print(f"| {name} | {aucs} | {maes} | {np.mean([r['reg_mae'] for r in mine]):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
