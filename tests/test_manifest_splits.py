@@ -59,6 +59,28 @@ def test_infected_without_onset(tmp_path):
         load_manifest(p, default_onset=None)
 
 
+def test_an_empty_onset_among_given_ones_is_warned_about(tmp_path, caplog):
+    """Where some infected rows give an onset, an empty one is more likely a forgotten value than the config's
+    default: a WARNING names it (and every such row). Where no row gives one, the default is the plan: no warning."""
+    import logging
+
+    for name in ("c.tif", "d.tif"):
+        (tmp_path / name).write_bytes(b"")
+    p = write(tmp_path, "stack_id,path,condition,infection_onset_hour\n"
+                        "a,a.tif,infected,2\nb,b.tif,infected,\nc,c.tif,mock,\nd,d.tif,infected,\n")
+    with caplog.at_level(logging.WARNING):
+        recs = load_manifest(p, default_onset=0.0)
+    assert [r.onset_hour for r in recs] == [2.0, 0.0, None, 0.0]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "infected stack_id b, d have no infection_onset_hour, unlike 1 other" in warned[0]
+    assert "multitask.infection_onset_hour (0 h)" in warned[0]
+    caplog.clear()
+    p.write_text("stack_id,path,condition,infection_onset_hour\na,a.tif,infected,\nc,c.tif,mock,\n")
+    with caplog.at_level(logging.WARNING):
+        load_manifest(p, default_onset=0.0)
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
 def test_missing_manifest(tmp_path):
     with pytest.raises(BadInputError, match="manifest not found"):
         load_manifest(tmp_path / "nope.csv")

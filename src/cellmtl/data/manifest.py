@@ -8,6 +8,7 @@ spreadsheet line number) and the column or value at fault; every bad row is repo
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from cellmtl.data.table import read_table
 from cellmtl.errors import BadInputError, all_culprits
+
+log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("stack_id", "path", "condition")
 KNOWN_COLUMNS = REQUIRED_COLUMNS + (
@@ -158,6 +161,7 @@ def load_manifest(
     records: list[StackRecord] = []
     errors: list[str] = []
     seen: dict[str, int] = {}
+    defaulted: list[str] = []  # infected rows whose onset cell is empty
     for line, row in table.rows:
         where = f"row {line}"
         try:
@@ -177,12 +181,19 @@ def load_manifest(
             continue
         seen[rec.stack_id] = line
         records.append(rec)
+        if rec.infected and not (row.get("infection_onset_hour") or "").strip():
+            defaulted.append(rec.stack_id)
     if len(errors) == 1:
         raise BadInputError(f"manifest {path} {errors[0]}")
     if errors:  # every bad row in one error, the file named once
         raise all_culprits(errors, f"manifest {path}")
     if not records:
         raise BadInputError(f"manifest {path}: no stacks listed")
+    given = sum(1 for r in records if r.infected) - len(defaulted)
+    if defaulted and given:  # some rows give an onset, so an empty one is more likely missing than meant
+        log.warning("manifest %s: infected stack_id %s %s no infection_onset_hour, unlike %d other infected "
+                    "row(s); using multitask.infection_onset_hour (%g h)", path, ", ".join(defaulted),
+                    "has" if len(defaulted) == 1 else "have", given, default_onset)
     return records
 
 
