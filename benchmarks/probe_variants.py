@@ -37,7 +37,7 @@ from cellmtl.config import load_config
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
 from cellmtl.runtime import make_loader
 from cellmtl.training import probe
-from cellmtl.training.loop import recalibrate_batchnorm
+from cellmtl.training.loop import calibration_loader, recalibrate_batchnorm
 from cellmtl.training.rundir import close_logger
 from cellmtl.training.state import setup
 
@@ -47,13 +47,11 @@ POOLS = {"avg": ("avg",), "max": ("max",), "avg+max": ("avg", "max"), "avg+std":
 @torch.no_grad()
 def pooled(model, ds: TimeCourseDataset, batch_size: int) -> tuple[dict[str, np.ndarray], SampleIndex]:
     """Per sample of `ds`, its context frames' feature maps pooled three ways, concatenated oldest first."""
-    frames, plan = probe.context_plan(ds)
-    single = TimeCourseDataset([r.info for r in ds.readers], ds.stack_ids, frames, channels=ds.channels,
-                               image_size=ds.image_size, normalizer=ds.normalizer)
+    single, plan = probe.context_frame_dataset(ds)
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {"avg": [], "max": [], "std": []}
     for batch in make_loader(single, batch_size=batch_size, num_workers=0, device=torch.device("cpu")):
-        maps = model.backbone.features((batch["image"] - model.input_mean) / model.input_std)
+        maps = model.backbone.features(model.stem_input(batch["image"]))  # torchvision MobileNetV2's conv trunk
         parts["avg"].append(maps.mean((2, 3)))
         parts["max"].append(maps.amax((2, 3)))
         parts["std"].append(maps.std((2, 3)))
@@ -98,10 +96,12 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     rows = []
     try:
         for order in ("ordered", "shuffled"):
-            perm = torch.randperm(len(s.calib_ds), generator=torch.Generator().manual_seed(seed)).tolist()
-            frames = list(range(len(s.calib_ds))) if order == "ordered" else perm
-            loader = make_loader(s.calib_ds, batch_size=bs, num_workers=0, device=s.device, sampler=frames)
-            recalibrate_batchnorm(s.model, loader, s.device, len(frames))
+            if order == "ordered":  # the product's frames (all of them at this size)
+                loader = calibration_loader(s)
+            else:
+                perm = torch.randperm(len(s.calib_ds), generator=torch.Generator().manual_seed(seed)).tolist()
+                loader = make_loader(s.calib_ds, batch_size=bs, num_workers=0, device=s.device, sampler=perm)
+            recalibrate_batchnorm(s.model, loader, s.device)
             tr, itr = pooled(s.model, s.calib_ds, bs)
             va, iva = pooled(s.model, s.val_ds, bs)
             for pool, keys in POOLS.items():

@@ -219,6 +219,8 @@ def test_batchnorm_calibration_frames_span_every_training_stack(tiny_experiment,
         seen = [sid for batch in calibration_loader(s) for sid in batch["stack_id"]]
         assert len(seen) == 12 and set(seen) == train_stacks
         assert sum(len(b["stack_id"]) for b in calibration_loader(s, drop_last=True)) == 12  # 3 full batches
+        s.cfg.training.bn_recalibration_samples = 0
+        assert calibration_loader(s) is None  # off: recalibrate_batchnorm leaves the statistics as they are
     finally:
         from cellmtl.training.rundir import close_logger
 

@@ -170,12 +170,17 @@ class MultiTaskNet(nn.Module):
                                 "frame; Grad-CAM supports channels fusion only")
         return feature_layer(self.backbone, self.family)
 
+    def stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Scaled frames `[B, stem_chans, H, W]` -> what the backbone's stem takes: the input statistics of a
+        pretrained stem applied (unchanged without them)."""
+        if self.input_mean is None:
+            return x
+        return (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
+
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, stem_chans, H, W]` (one frame; under `channels` fusion all frames stacked) -> the backbone's pooled
-        features `[B, F]`, after the input statistics of a pretrained stem."""
-        if self.input_mean is not None:
-            x = (x - self.input_mean.to(x.dtype)) / self.input_std.to(x.dtype)
-        return self.backbone(x)
+        features `[B, F]`."""
+        return self.backbone(self.stem_input(x))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, in_chans, H, W]` -> pooled features `[B, n_features]` (what both heads read)."""

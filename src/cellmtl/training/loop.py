@@ -136,23 +136,27 @@ def calibration_frames(n: int, max_samples: int) -> list[int]:
     return np.linspace(0, n - 1, max_samples).round().astype(np.int64).tolist()
 
 
-def calibration_loader(s: Setup, *, drop_last: bool = False) -> torch.utils.data.DataLoader:
-    """The unaugmented training frames of `calibration_frames`, in index order, for `recalibrate_batchnorm`;
-    `drop_last` drops a last partial batch (where there is more than one batch)."""
+def calibration_loader(s: Setup, *, drop_last: bool = False) -> torch.utils.data.DataLoader | None:
+    """The unaugmented training frames of `calibration_frames`, in index order, for `recalibrate_batchnorm`; None
+    where `training.bn_recalibration_samples` is 0 (off). `drop_last` drops a last partial batch (where there is
+    more than one batch)."""
     cfg = s.cfg
     frames = calibration_frames(len(s.calib_ds), cfg.training.bn_recalibration_samples)
+    if not frames:
+        return None
     return make_loader(s.calib_ds, batch_size=cfg.training.batch_size, num_workers=cfg.data.num_workers,
                        device=s.device, sampler=frames, drop_last=drop_last and len(frames) > cfg.training.batch_size)
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: MultiTaskNet, loader, device: torch.device, max_samples: int,
+def recalibrate_batchnorm(model: MultiTaskNet, loader: torch.utils.data.DataLoader | None, device: torch.device,
                           amp_dtype: torch.dtype | None = None) -> None:
     """Re-estimate BatchNorm running statistics of the backbone on training frames with the current
     weights ("precise BN"). With a few hundred frames an epoch, the running averages lag far behind fast-
-    changing weights and eval-mode outputs swing wildly between epochs; exact statistics remove that."""
+    changing weights and eval-mode outputs swing wildly between epochs; exact statistics remove that. Every batch
+    of `loader` counts (`calibration_loader` chooses the frames); None leaves the statistics as they are."""
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or max_samples <= 0:
+    if not bns or loader is None:
         return
     momenta = [bn.momentum for bn in bns]
     was_training = model.training
@@ -161,14 +165,10 @@ def recalibrate_batchnorm(model: MultiTaskNet, loader, device: torch.device, max
         bn.momentum = None  # cumulative average over the batches below
     model.backbone.train()
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    seen = 0
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with autocast_ctx(device, amp_dtype):
             model.features(x)
-        seen += x.shape[0]
-        if seen >= max_samples:
-            break
     for bn, momentum in zip(bns, momenta, strict=True):
         bn.momentum = momentum
     model.train(was_training)
@@ -220,7 +220,7 @@ def fit(s: Setup) -> dict[str, Any]:
         train = train_one_epoch(s, train_loader, epoch, bar)
         s.weighting.end_epoch(train["train_cls_loss"], train["train_reg_loss"])
         # Under DDP every rank recalibrates on the same frames with the same weights: identical statistics.
-        recalibrate_batchnorm(s.model, calib_loader, s.device, cfg.training.bn_recalibration_samples, s.amp_dtype)
+        recalibrate_batchnorm(s.model, calib_loader, s.device, s.amp_dtype)
         val, _ = (validate_sharded if s.ctx.enabled else validate)(s, s.val_ds, val_loader)
         log.info("Epoch %d/%d", epoch, cfg.training.epochs)
         log.info("train - total_loss: %.4f | cls_loss: %.4f | reg_loss: %.4f",

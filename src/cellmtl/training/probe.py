@@ -54,15 +54,22 @@ def context_plan(ds: TimeCourseDataset) -> tuple[SampleIndex, np.ndarray]:
     return frames, plan
 
 
+def context_frame_dataset(ds: TimeCourseDataset) -> tuple[TimeCourseDataset, np.ndarray]:
+    """`context_plan` as a dataset of those distinct frames, one image each (no context, no augmentation), and the
+    plan: features of its samples, `[plan]`, give each sample of `ds` its context's features oldest first."""
+    frames, plan = context_plan(ds)
+    single = TimeCourseDataset([r.info for r in ds.readers], ds.stack_ids, frames, channels=ds.channels,
+                               image_size=ds.image_size, normalizer=ds.normalizer)
+    return single, plan
+
+
 def dataset_features(model: MultiTaskNet, ds: TimeCourseDataset, make_loader, device: torch.device) -> np.ndarray:
     """The pooled features `[N, n_features]` that the heads read for every sample of `ds` (no augmentation), equal
     to `model.features` on its images. `make_loader(dataset)` builds the DataLoader."""
     spec = model.spec
     if spec.temporal_fusion != "features" or spec.context_frames == 1:
         return frame_features(model, make_loader(ds), device)
-    frames, plan = context_plan(ds)
-    single = TimeCourseDataset([r.info for r in ds.readers], ds.stack_ids, frames, channels=ds.channels,
-                               image_size=ds.image_size, normalizer=ds.normalizer)
+    single, plan = context_frame_dataset(ds)
     per_frame = frame_features(model, make_loader(single), device)
     return per_frame[plan].reshape(len(ds), -1)
 

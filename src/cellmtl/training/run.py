@@ -44,8 +44,7 @@ def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, A
                                device=s.device)
     # BatchNorm statistics of these frames, not of ImageNet ("AdaBN"), as every later validation recalibrates them
     # (training.bn_recalibration_samples): lp_ft's heads must fit the features its fine-tuning starts from.
-    recalibrate_batchnorm(s.model, calibration_loader(s), s.device, cfg.training.bn_recalibration_samples,
-                          s.amp_dtype)
+    recalibrate_batchnorm(s.model, calibration_loader(s), s.device, s.amp_dtype)
     feats = probe.dataset_features(s.model, s.calib_ds, loader, s.device)
     try:
         chosen = probe.fit_heads(s.model, feats, s.calib_ds.index, balanced=cfg.data.balance != "none")
