@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from contextlib import nullcontext
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from cellmtl.errors import BadInputError
@@ -75,8 +75,12 @@ def make_loader(
 ) -> DataLoader:
     """`persistent` keeps worker processes between epochs (the training loader); the others fork new
     workers when iterated, so a run holds one set of idle workers, not three. A dataset whose samples are
-    whole tile grids gets batches of about `batch_size` tiles, not frames."""
-    per_sample = getattr(ds, "tiles_per_sample", lambda: 1)()
+    whole tile grids gets batches of about `batch_size` tiles, not frames, also as a rank's `Subset` of it
+    (DDP validation, predict under torchrun): a 2048 px field in 64 px tiles is 1024 tiles a frame."""
+    base = ds
+    while isinstance(base, Subset):
+        base = base.dataset
+    per_sample = getattr(base, "tiles_per_sample", lambda: 1)()
     if per_sample > 1 and sampler is None:
         batch_size = max(1, batch_size // per_sample)
     kwargs: dict = {}
