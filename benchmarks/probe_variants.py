@@ -8,13 +8,18 @@ Each seed's experiment is the one quality_pretrained.py renders (shared through 
 `probe+ctx` variant (ImageNet MobileNetV2, 224 px, one ridge per class). The heads are fitted with the product's
 own functions (cellmtl.training.probe: stack-grouped CV for both strengths) on features this script pools itself:
 
-- pooling `avg` (the product: global average), `max`, `avg+max` (both concatenated), `avg+std`;
+- pooling `avg` (the product: global average), `max`, `avg+max` (both concatenated), `avg+std`, and average pools
+  of inner blocks' outputs (mid-level features, alone or concatenated with the last block's);
 - BatchNorm statistics re-estimated on the training frames `ordered` (the product: index order, stack by stack, in
   batches of training.batch_size) or `shuffled` (a seeded permutation, the same batch size);
+- `context as changes`: each sample's features as its current frame's and their change since each context frame
+  (`cellmtl.training.probe.as_changes`, a linear basis change folded back into the linear heads), for both heads
+  or for the infection head only (the product since 2026-12-02, measured here first);
 - `oof`: the ridge's time output mapped by a line fitted to its out-of-fold predictions on the training stacks
   (undoing the shrinkage towards the mean, if there is one to undo).
 
-The `avg` / `ordered` row reproduces quality_pretrained.py's `probe+ctx` figures. Prints val cls_auc and reg_mae per
+The `pool avg, BatchNorm frames ordered, context as changes (infection head)` row reproduces quality_pretrained.py's
+`probe+ctx` figures (the plain `avg` / `ordered` row: the product before it). Prints val cls_auc and reg_mae per
 seed and their mean; nothing here changes the product.
 """
 
@@ -41,30 +46,47 @@ from cellmtl.training.loop import calibration_loader, recalibrate_batchnorm
 from cellmtl.training.rundir import close_logger
 from cellmtl.training.state import setup
 
-POOLS = {"avg": ("avg",), "max": ("max",), "avg+max": ("avg", "max"), "avg+std": ("avg", "std")}
+POOLS = {"avg": ("avg",), "max": ("max",), "avg+max": ("avg", "max"), "avg+std": ("avg", "std"),
+         "avg of blocks 13, 16, 17, 18": ("avg13", "avg16", "avg17", "avg"),
+         "avg of blocks 6, 10, 13, 16, 17, 18": ("avg6", "avg10", "avg13", "avg16", "avg17", "avg"),
+         "avg of block 17 (before the last 1x1 conv)": ("avg17",),
+         "avg of block 13": ("avg13",)}
+INNER = (6, 10, 13, 16, 17)  # MobileNetV2 blocks whose outputs are pooled too (96 / 160 / 320 channels at 13-17)
 
 
 @torch.no_grad()
 def pooled(model, ds: TimeCourseDataset, batch_size: int) -> tuple[dict[str, np.ndarray], SampleIndex]:
-    """Per sample of `ds`, its context frames' feature maps pooled three ways, concatenated oldest first."""
+    """Per sample of `ds`, its context frames' feature maps pooled three ways (and inner blocks' outputs averaged),
+    concatenated oldest first."""
     single, plan = probe.context_frame_dataset(ds)
     model.eval()
-    parts: dict[str, list[torch.Tensor]] = {"avg": [], "max": [], "std": []}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("avg", "max", "std", *(f"avg{b}" for b in INNER))}
     for batch in make_loader(single, batch_size=batch_size, num_workers=0, device=torch.device("cpu")):
-        maps = model.backbone.features(model.stem_input(batch["image"]))  # torchvision MobileNetV2's conv trunk
+        maps = model.stem_input(batch["image"])
+        for b, block in enumerate(model.backbone.features):  # torchvision MobileNetV2's conv trunk, block by block
+            maps = block(maps)
+            if b in INNER:
+                parts[f"avg{b}"].append(maps.mean((2, 3)))
         parts["avg"].append(maps.mean((2, 3)))
         parts["max"].append(maps.amax((2, 3)))
         parts["std"].append(maps.std((2, 3)))
     return {k: torch.cat(v).numpy()[plan].reshape(len(ds), -1) for k, v in parts.items()}, ds.index
 
 
-def fit_and_score(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleIndex, oof: bool) -> dict:
-    """The probe's heads (logistic; ridge per class, the predicted class picking the output) on train, val metrics."""
+def standardised(tr: np.ndarray, va: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     std = probe.Standardiser.fit(tr.astype(np.float64))
-    a, b = std(tr.astype(np.float64)), std(va.astype(np.float64))
+    return std(tr.astype(np.float64)), std(va.astype(np.float64))
+
+
+def fit_and_score(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleIndex, oof: bool,
+                  cls_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """The probe's heads (logistic; ridge per class, the predicted class picking the output) on train, val metrics.
+    `cls_features` (train, val): other features for the infection head than for the time head."""
+    a, b = standardised(tr, va)
     groups, labels = itr.stack.astype(np.int64), itr.infected.astype(np.int64)
-    coef, icpt, _ = probe.fit_logistic(a, labels, groups, balanced=False)
-    logit = b @ coef + icpt
+    ca, cb = standardised(*cls_features) if cls_features is not None else (a, b)
+    coef, icpt, _ = probe.fit_logistic(ca, labels, groups, balanced=False)
+    logit = cb @ coef + icpt
     pred = np.zeros(len(b))
     for cls in (0, 1):
         keep = np.isfinite(itr.time_target) & (labels == cls)
@@ -93,6 +115,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     sets = [o for o in overrides("probe+ctx", args.weights) if not o.startswith("data.temporal_context_hours")]
     s = setup(load_config(cfg_path, [*sets, f"data.temporal_context_hours={args.context}"]))
     bs = s.cfg.training.batch_size
+    n_ctx = len(s.val_ds.frame_offsets[0])
     rows = []
     try:
         for order in ("ordered", "shuffled"):
@@ -105,14 +128,20 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
             tr, itr = pooled(s.model, s.calib_ds, bs)
             va, iva = pooled(s.model, s.val_ds, bs)
             for pool, keys in POOLS.items():
+                if order == "shuffled" and pool.startswith("avg of"):
+                    continue  # inner blocks: measured with the product's frame order only
                 for oof in (False, True) if pool == "avg" else (False,):
                     x_tr, x_va = (np.concatenate([d[k] for k in keys], axis=1) for d in (tr, va))
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        m = fit_and_score(x_tr, itr, x_va, iva, oof)
-                    name = f"pool {pool}, BatchNorm frames {order}" + (", time oof-recalibrated" if oof else "")
-                    rows.append({"seed": seed, "variant": name, **m})
-                    print(json.dumps(rows[-1]), flush=True)
+                    changes = (probe.as_changes(x_tr, n_ctx), probe.as_changes(x_va, n_ctx))
+                    for diff in ("", "both heads", "infection head") if order == "ordered" and not oof else ("",):
+                        a, b = changes if diff == "both heads" else (x_tr, x_va)
+                        with warnings.catch_warnings():
+                            warnings.simplefilter("ignore")
+                            m = fit_and_score(a, itr, b, iva, oof, changes if diff == "infection head" else None)
+                        name = f"pool {pool}, BatchNorm frames {order}" + (", time oof-recalibrated" if oof else "") \
+                            + (f", context as changes ({diff})" if diff else "")
+                        rows.append({"seed": seed, "variant": name, **m})
+                        print(json.dumps(rows[-1]), flush=True)
     finally:
         close_logger(s.logger)
     return rows

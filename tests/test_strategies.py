@@ -14,7 +14,7 @@ from cellmtl.checkpoints import Checkpoint
 from cellmtl.cli import main
 from cellmtl.data.dataset import SampleIndex
 from cellmtl.models import ModelSpec, MultiTaskNet
-from cellmtl.training.probe import Standardiser, fit_heads, stack_folds
+from cellmtl.training.probe import Standardiser, as_changes, changes_to_frames, fit_heads, stack_folds
 from tests.conftest import write_config
 
 
@@ -32,6 +32,46 @@ def test_standardiser_folds_back_to_raw_features():
     coef, icpt = rng.normal(size=(2, 4)), rng.normal(size=2)
     w, b = std.fold(coef, icpt)
     np.testing.assert_allclose(x @ w.T + b, std(x) @ coef.T + icpt)
+
+
+def test_coefficients_on_changes_fold_back_to_the_concatenated_frames():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(20, 3 * 4))  # 3 context frames of 4 features, oldest first
+    z = as_changes(x, 3)
+    np.testing.assert_allclose(z[:, :4], x[:, 8:])  # the current frame first
+    np.testing.assert_allclose(z[:, 4:8], x[:, 8:] - x[:, :4])  # then its change since the oldest
+    w = rng.normal(size=(2, 12))
+    np.testing.assert_allclose(x @ changes_to_frames(w, 3).T, z @ w.T)
+    assert as_changes(x, 1) is x and changes_to_frames(w, 1) is w
+
+
+def test_probe_with_context_finds_an_infection_seen_only_as_change():
+    """Each well has its own level of feature 0 (wider than the effect); infected frames have moved up since the
+    context frame. The infection head, fitted on changes and folded back onto the concatenated features the
+    network's head reads, separates the classes."""
+    rng = np.random.default_rng(4)
+    n_stacks, per, width = 8, 10, 512
+    stack = np.repeat(np.arange(n_stacks), per)
+    infected = (stack % 2).astype(np.int8)
+    older = np.zeros((len(stack), width), np.float32)
+    older[:, :4] = rng.normal(scale=0.3, size=(len(stack), 4))
+    older[:, 0] += rng.normal(scale=3.0, size=n_stacks)[stack]
+    current = older.copy()
+    current[:, :4] += rng.normal(scale=0.3, size=(len(stack), 4))
+    current[:, 0] += 1.5 * infected
+    feats = np.concatenate([older, current], axis=1)
+    hours = np.tile(np.arange(per, dtype=np.float32), n_stacks)
+    index = SampleIndex(stack.astype(np.int32), np.tile(np.arange(per), n_stacks).astype(np.int32), hours,
+                        infected, hours)
+    model = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=0, context_frames=2,
+                                   temporal_fusion="features")).eval()
+    model.set_time_scaling(5.0, 3.0)
+    fit_heads(model, feats, index)
+    w = model.cls_head[-1].weight.detach().numpy()[0]
+    assert w[0] * w[width] < 0  # the change of feature 0: opposite signs on the older and the current frame
+    with torch.no_grad():
+        logit = model.heads(torch.from_numpy(feats))["infected"].numpy().ravel()
+    assert ((logit > 0) == (infected == 1)).mean() > 0.95
 
 
 def test_stack_folds_keep_stacks_whole_and_both_classes():
