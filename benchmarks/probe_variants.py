@@ -115,7 +115,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     sets = [o for o in overrides("probe+ctx", args.weights) if not o.startswith("data.temporal_context_hours")]
     s = setup(load_config(cfg_path, [*sets, f"data.temporal_context_hours={args.context}"]))
     bs = s.cfg.training.batch_size
-    n_ctx = len(s.val_ds.frame_offsets[0])
+    n_ctx = s.model.spec.feature_frames
     rows = []
     try:
         for order in ("ordered", "shuffled"):
@@ -130,18 +130,20 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
             for pool, keys in POOLS.items():
                 if order == "shuffled" and pool.startswith("avg of"):
                     continue  # inner blocks: measured with the product's frame order only
-                for oof in (False, True) if pool == "avg" else (False,):
-                    x_tr, x_va = (np.concatenate([d[k] for k in keys], axis=1) for d in (tr, va))
-                    changes = (probe.as_changes(x_tr, n_ctx), probe.as_changes(x_va, n_ctx))
-                    for diff in ("", "both heads", "infection head") if order == "ordered" and not oof else ("",):
-                        a, b = changes if diff == "both heads" else (x_tr, x_va)
-                        with warnings.catch_warnings():
-                            warnings.simplefilter("ignore")
-                            m = fit_and_score(a, itr, b, iva, oof, changes if diff == "infection head" else None)
-                        name = f"pool {pool}, BatchNorm frames {order}" + (", time oof-recalibrated" if oof else "") \
-                            + (f", context as changes ({diff})" if diff else "")
-                        rows.append({"seed": seed, "variant": name, **m})
-                        print(json.dumps(rows[-1]), flush=True)
+                x_tr, x_va = (np.concatenate([d[k] for k in keys], axis=1) for d in (tr, va))
+                changes = (probe.as_changes(x_tr, n_ctx), probe.as_changes(x_va, n_ctx))
+                # (time oof-recalibrated, context as changes for): the plain fit, then what applies to this row
+                modes = [(False, "")] + [(False, "both heads"), (False, "infection head")] * (order == "ordered") \
+                    + [(True, "")] * (pool == "avg")
+                for oof, diff in modes:
+                    a, b = changes if diff == "both heads" else (x_tr, x_va)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        m = fit_and_score(a, itr, b, iva, oof, changes if diff == "infection head" else None)
+                    name = f"pool {pool}, BatchNorm frames {order}" + (", time oof-recalibrated" if oof else "") \
+                        + (f", context as changes ({diff})" if diff else "")
+                    rows.append({"seed": seed, "variant": name, **m})
+                    print(json.dumps(rows[-1]), flush=True)
     finally:
         close_logger(s.logger)
     return rows

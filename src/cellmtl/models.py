@@ -78,9 +78,15 @@ class ModelSpec:
         return cls(**d)
 
     @property
+    def feature_frames(self) -> int:
+        """Frames whose pooled features the heads read side by side, oldest first: the context's under `features`
+        fusion, 1 under `channels` (all frames enter the first convolution together)."""
+        return self.context_frames if self.temporal_fusion == "features" else 1
+
+    @property
     def stem_chans(self) -> int:
         """Channels the first convolution sees: one frame's under `features` fusion, all of them otherwise."""
-        return self.in_chans // self.context_frames if self.temporal_fusion == "features" else self.in_chans
+        return self.in_chans // self.feature_frames
 
 
 def make_head(in_features: int, hidden: int, dropout: float, out_features: int = 1) -> nn.Sequential:
@@ -134,7 +140,7 @@ class MultiTaskNet(nn.Module):
         if weights is not None:
             load_trunk_weights(trunk, weights, source)
         self.backbone = trunk.module
-        n_features = trunk.n_features * (spec.context_frames if spec.temporal_fusion == "features" else 1)
+        n_features = trunk.n_features * spec.feature_frames
         self.n_features = n_features
         self.cls_head = make_head(n_features, spec.head_hidden, spec.dropout) if spec.mode != "regression" else None
         n_time = (2 if spec.time_head == "per_class" else 1) * (2 if spec.time_nll else 1)
@@ -165,7 +171,7 @@ class MultiTaskNet(nn.Module):
 
     def feature_layer(self) -> nn.Module:
         """The last backbone block with spatial maps (Grad-CAM's layer; `backbone.layer4` for ResNets)."""
-        if self.spec.temporal_fusion == "features" and self.spec.context_frames > 1:
+        if self.spec.feature_frames > 1:
             raise BadInputError("explain: a model with temporal_fusion features runs its backbone once per context "
                                 "frame; Grad-CAM supports channels fusion only")
         return feature_layer(self.backbone, self.family)
@@ -184,7 +190,7 @@ class MultiTaskNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, in_chans, H, W]` -> pooled features `[B, n_features]` (what both heads read)."""
-        if self.spec.temporal_fusion == "features" and self.spec.context_frames > 1:
+        if self.spec.feature_frames > 1:
             # [B, K*C, H, W] -> [B*K, C, H, W]: each frame through the backbone, features concatenated oldest first
             frames = x.reshape(-1, self.spec.stem_chans, x.shape[-2], x.shape[-1])
             return self.frame_features(frames).reshape(-1, self.n_features)

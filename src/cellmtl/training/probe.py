@@ -69,7 +69,7 @@ def dataset_features(model: MultiTaskNet, ds: TimeCourseDataset, make_loader, de
     """The pooled features `[N, n_features]` that the heads read for every sample of `ds` (no augmentation), equal
     to `model.features` on its images. `make_loader(dataset)` builds the DataLoader."""
     spec = model.spec
-    if spec.temporal_fusion != "features" or spec.context_frames == 1:
+    if spec.feature_frames == 1:
         return frame_features(model, make_loader(ds), device)
     single, plan = context_frame_dataset(ds)
     per_frame = frame_features(model, make_loader(single), device)
@@ -181,6 +181,11 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, groups: np.ndarray, balanced: boo
     return clf.coef_[0].astype(np.float64), float(clf.intercept_[0]), c
 
 
+def _standardised(x: np.ndarray) -> tuple[Standardiser, np.ndarray]:
+    std = Standardiser.fit(x)
+    return std, std(x)
+
+
 def _linear(head: nn.Module | None) -> nn.Linear:
     last = head[-1] if isinstance(head, nn.Sequential) else None
     if not isinstance(last, nn.Linear) or any(isinstance(m, nn.Linear) for m in list(head)[:-1]):
@@ -199,8 +204,9 @@ def fit_heads(model: MultiTaskNet, feats: np.ndarray, index: SampleIndex, *, bal
     """Fit the model's linear heads in place on training features `[N, F]` of the frames of `index` (time targets
     in hours, scaled with the model's own time scaling); returns what was chosen (logged and kept in results.json).
     A class without time targets (multitask.uninfected_time: ignore) keeps a zero output."""
-    std = Standardiser.fit(feats.astype(np.float64))
-    x = std(feats.astype(np.float64))
+    raw = feats.astype(np.float64)
+    std = Standardiser.fit(raw)
+    x = std(raw)
     groups = index.stack.astype(np.int64)
     labels = index.infected.astype(np.int64)
     info: dict = {}
@@ -208,11 +214,8 @@ def fit_heads(model: MultiTaskNet, feats: np.ndarray, index: SampleIndex, *, bal
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's convergence / conditioning chatter on tiny problems
         if model.cls_head is not None:
-            spec = model.spec
-            k = spec.context_frames if spec.temporal_fusion == "features" else 1
-            changes = as_changes(feats.astype(np.float64), k)
-            std_c = Standardiser.fit(changes)
-            xc = std_c(changes)
+            k = model.spec.feature_frames
+            std_c, xc = (std, x) if k == 1 else _standardised(as_changes(raw, k))
             known = labels >= 0
             coef, icpt, c = fit_logistic(xc[known], labels[known], groups[known], balanced)
             w, b = std_c.fold(coef[None], np.array([icpt]))
