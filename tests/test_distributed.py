@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import yaml
 
 from cellmtl.data.dataset import EpochSampler
 from cellmtl.distributed import DistContext, ShardedSampler, shard_indices
 from cellmtl.evaluation.evaluate import evaluate_run
-from tests.conftest import write_hyperstack
+from tests.conftest import write_config, write_hyperstack
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +41,36 @@ def test_sharded_sampler_covers_the_epoch_disjointly():
     assert sorted(np.concatenate([shard_indices(7, DistContext(r, 2, r)) for r in range(2)])) == list(range(7))
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, command: str = "train") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cellmtl", "train", *args]
+           "-m", "cellmtl", command, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def only_run(outputs: Path) -> Path:
+    """The one run folder under `outputs` (rank 1 creates nothing)."""
+    runs = list(outputs.iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def assert_logged_val_is_best_pt_on_the_whole_val_split(run: Path) -> None:
+    """Val metrics gathered over both ranks == one process scoring best.pt on the whole val split."""
+    with (run / "metrics.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model
+    ev = json.loads(evaluate_run(run, checkpoint="best", split="val").read_text())
+    best = rows[ckpt["epoch"] - 1]  # best.pt is the best epoch's checkpoint
+    n_val = sum(1 for _ in csv.DictReader((run / "predictions_val.csv").open()))
+    assert ev["n_frames"] == n_val
+    for k, v in ev["metrics"].items():
+        logged = best[f"val_{k}"]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            assert logged in ("", "nan"), k
+        else:
+            assert float(logged) == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
 def name_channels_with_one_swapped(manifest: Path) -> None:
@@ -62,28 +88,12 @@ def test_torchrun_two_cpu_processes(tiny_config, tiny_experiment, tmp_path):
     proc = torchrun("--config", str(tiny_config), "--set", "training.epochs=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("matched by name") == 1, proc.stderr[-3000:]  # rank 1's module loggers are quiet
-    runs = list((tmp_path / "outputs" / "t").iterdir())
-    assert len(runs) == 1, runs  # rank 1 created nothing
-    run = runs[0]
+    run = only_run(tmp_path / "outputs" / "t")
     assert proc.stdout.strip().splitlines() == [str(run)]  # one line, from rank 0
     with (run / "metrics.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert [r["epoch"] for r in rows] == ["1", "2"]
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2"]
     assert (run / "train.log").read_text().count("Epoch 2/2") == 1
-
-    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in ckpt["model"])  # the unwrapped model
-    # Val metrics gathered over both ranks == one process scoring best.pt on the whole val split.
-    ev = json.loads(evaluate_run(run, checkpoint="best", split="val").read_text())
-    best = rows[ckpt["epoch"] - 1]  # best.pt is the best epoch's checkpoint
-    n_val = sum(1 for _ in csv.DictReader((run / "predictions_val.csv").open()))
-    assert ev["n_frames"] == n_val
-    for k, v in ev["metrics"].items():
-        logged = best[f"val_{k}"]
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            assert logged in ("", "nan"), k
-        else:
-            assert float(logged) == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert_logged_val_is_best_pt_on_the_whole_val_split(run)
 
     # Resume under DDP: same folder, one more row.
     again = torchrun("--resume", str(run), "--set", "training.epochs=3")
@@ -118,6 +128,7 @@ def test_gather_predictions_keeps_every_output(monkeypatch):
 GRADNORM_RANKS = """
 import functools, json, sys
 import torch
+import yaml
 from cellmtl import distributed
 from cellmtl.weighting import GradNormWeighting
 
@@ -161,18 +172,13 @@ def test_gradnorm_weights_stay_equal_across_ranks(tmp_path):
     assert a0[2] == 5 and b0[2] == 4  # rank 1's NaN batch at step 3: both ranks skipped that one step
 
 
-def test_predict_under_torchrun_writes_the_same_tables_as_one_process(tiny_config, tiny_experiment, tmp_path):
+def assert_predict_under_torchrun_writes_the_same_tables_as_one_process(run: Path, manifest: Path,
+                                                                        tmp_path: Path) -> None:
     from cellmtl.cli import main
 
-    assert main(["train", "--config", str(tiny_config), "--set", "training.epochs=1"]) == 0
-    run = sorted((tiny_config.parent / "outputs" / "t").iterdir())[-1]
-    ckpt = str(run / "checkpoints" / "best.pt")
-    args = ["--checkpoint", ckpt, "--manifest", str(tiny_experiment)]
+    args = ["--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(manifest)]
     assert main(["predict", *args, "--out", str(tmp_path / "one.csv")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cellmtl",
-           "predict", *args, "--device", "cpu", "--out", str(tmp_path / "two.csv")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    done = torchrun(*args, "--device", "cpu", "--out", str(tmp_path / "two.csv"), command="predict")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines() == [str(tmp_path / "two.csv")]  # one line, from rank 0
     for name in ("{}.csv", "{}.stacks.csv"):
@@ -187,3 +193,44 @@ def test_predict_under_torchrun_writes_the_same_tables_as_one_process(tiny_confi
                     assert (value == b[key] == "") or math.isclose(float(value), float(b[key]), abs_tol=1e-4)
                 else:
                     assert value == b[key], (key, value, b[key])
+
+
+def test_predict_under_torchrun_writes_the_same_tables_as_one_process(tiny_config, tiny_experiment, tmp_path):
+    from cellmtl.cli import main
+
+    assert main(["train", "--config", str(tiny_config), "--set", "training.epochs=1"]) == 0
+    run = sorted((tiny_config.parent / "outputs" / "t").iterdir())[-1]
+    assert_predict_under_torchrun_writes_the_same_tables_as_one_process(run, tiny_experiment, tmp_path)
+
+
+def test_tiles_under_torchrun_train_and_predict_as_one_process(tiny_experiment, tmp_path):
+    """With data.tile_size, each rank validates whole frames' tile grids (make_loader batches by grid through the
+    rank's Subset): the logged val metrics are best.pt's on the whole split, and torchrun predict's tables are
+    one process's."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, data={"tile_size": 16, "tiles_per_frame": 2})
+    proc = torchrun("--config", str(cfg), "--set", "training.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run(tmp_path / "outputs" / "t")
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["tile_size"] == 16
+    assert_logged_val_is_best_pt_on_the_whole_val_split(run)
+    assert_predict_under_torchrun_writes_the_same_tables_as_one_process(run, tiny_experiment, tmp_path)
+
+
+def test_probe_under_torchrun_fits_the_heads_one_process_fits(tiny_experiment, tmp_path):
+    """training.strategy probe under DDP: every rank fits the same closed-form heads on all training frames, and
+    rank 0's best.pt is the one-process run's, weight for weight."""
+    from cellmtl.cli import main
+
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment, training={"strategy": "probe"},
+                       model={"head_hidden": 0})
+    proc = torchrun("--config", str(cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = only_run(tmp_path / "outputs" / "t")
+    assert main(["train", "--config", str(cfg), "--set", "output_dir=" + str(tmp_path / "one")]) == 0
+    one = only_run(tmp_path / "one" / "t")
+    a = torch.load(one / "checkpoints" / "best.pt", weights_only=True)["model"]
+    b = torch.load(two / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert_logged_val_is_best_pt_on_the_whole_val_split(two)
