@@ -15,6 +15,9 @@ own functions (cellmtl.training.probe: stack-grouped CV for both strengths) on f
 - `context as changes`: each sample's features as its current frame's and their change since each context frame
   (`cellmtl.training.probe.as_changes`, a linear basis change folded back into the linear heads), for both heads
   or for the infection head only (the product since 2026-12-02, measured here first);
+- `--dihedral` (instead of the rows above but the product's): average-pooled features averaged over each frame's
+  8 rotations and reflections (val and train), or the 8 transforms as training rows of their own with the val
+  features averaged; infection head on changes;
 - `oof`: the ridge's time output mapped by a line fitted to its out-of-fold predictions on the training stacks
   (undoing the shrinkage towards the mean, if there is one to undo).
 
@@ -40,6 +43,7 @@ from sklearn.metrics import roc_auc_score
 
 from cellmtl.config import load_config
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
+from cellmtl.models import dihedral
 from cellmtl.runtime import make_loader
 from cellmtl.training import probe
 from cellmtl.training.loop import calibration_loader, recalibrate_batchnorm
@@ -71,6 +75,27 @@ def pooled(model, ds: TimeCourseDataset, batch_size: int) -> tuple[dict[str, np.
         parts["max"].append(maps.amax((2, 3)))
         parts["std"].append(maps.std((2, 3)))
     return {k: torch.cat(v).numpy()[plan].reshape(len(ds), -1) for k, v in parts.items()}, ds.index
+
+
+@torch.no_grad()
+def dihedral_pooled(model, ds: TimeCourseDataset, batch_size: int) -> np.ndarray:
+    """Per sample of `ds`, its context frames' average-pooled features for each of the 8 dihedral transforms (the
+    same transform for every context frame of a sample): `[len(ds), 8, n_ctx * F]`."""
+    single, plan = probe.context_frame_dataset(ds)
+    model.eval()
+    parts = []
+    for batch in make_loader(single, batch_size=batch_size, num_workers=0, device=torch.device("cpu")):
+        parts.append(torch.stack([model.frame_features(t) for t in dihedral(batch["image"])], 1))
+    feats = torch.cat(parts).numpy()[plan]  # [len(ds), n_ctx, 8, F]
+    return feats.transpose(0, 2, 1, 3).reshape(len(ds), 8, -1)
+
+
+class Rows:
+    """A SampleIndex's labels repeated for `n` feature rows per sample (what fit_and_score reads)."""
+
+    def __init__(self, index: SampleIndex, n: int):
+        self.stack, self.infected = np.repeat(index.stack, n), np.repeat(index.infected, n)
+        self.time_target = np.repeat(index.time_target, n)
 
 
 def standardised(tr: np.ndarray, va: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +143,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     n_ctx = s.model.spec.feature_frames
     rows = []
     try:
-        for order in ("ordered", "shuffled"):
+        for order in ("ordered",) if args.dihedral else ("ordered", "shuffled"):
             if order == "ordered":  # the product's frames (all of them at this size)
                 loader = calibration_loader(s)
             else:
@@ -127,7 +152,22 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
             recalibrate_batchnorm(s.model, loader, s.device)
             tr, itr = pooled(s.model, s.calib_ds, bs)
             va, iva = pooled(s.model, s.val_ds, bs)
+            if order == "ordered" and args.dihedral:
+                d_tr, d_va = dihedral_pooled(s.model, s.calib_ds, bs), dihedral_pooled(s.model, s.val_ds, bs)
+                m_tr, m_va = d_tr.mean(1), d_va.mean(1)
+                every = d_tr.reshape(-1, d_tr.shape[-1])  # each transform a training row of its own
+                for name, a, ia in (("dihedral mean of train and val frames", m_tr, itr),
+                                    ("8 transforms as training rows, val dihedral mean", every, Rows(itr, 8))):
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        m = fit_and_score(a, ia, m_va, iva, False,
+                                          (probe.as_changes(a, n_ctx), probe.as_changes(m_va, n_ctx)))
+                    rows.append({"seed": seed, "variant": f"pool avg, {name}, context as changes (infection head)",
+                                 **m})
+                    print(json.dumps(rows[-1]), flush=True)
             for pool, keys in POOLS.items():
+                if args.dihedral and pool != "avg":
+                    continue  # --dihedral: only the product's rows beside the dihedral ones
                 if order == "shuffled" and pool.startswith("avg of"):
                     continue  # inner blocks: measured with the product's frame order only
                 x_tr, x_va = (np.concatenate([d[k] for k in keys], axis=1) for d in (tr, va))
@@ -155,6 +195,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_pretrained"))
     ap.add_argument("--context", default="[-6,-3,0]", help="data.temporal_context_hours")
+    ap.add_argument("--dihedral", action="store_true", help="instead: features averaged over the 8 rotations "
+                    "and reflections of each frame (8x the feature time), beside the product's rows (pool avg)")
     ap.add_argument("--weights", type=Path, default=ROOT / ".weights" / "mobilenet_v2_imagenet.pt")
     args = ap.parse_args()
     rows = [r for seed in args.seeds for r in one_seed(args, seed)]

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 
 from cellmtl.checkpoints import Checkpoint
 from cellmtl.cli import main
 from cellmtl.data.dataset import SampleIndex
+from cellmtl.errors import BadInputError
 from cellmtl.models import ModelSpec, MultiTaskNet
 from cellmtl.training.probe import Standardiser, as_changes, changes_to_frames, fit_heads, stack_folds
-from tests.conftest import write_config
+from tests.conftest import write_config, write_hyperstack
 
 
 def cli(capsys, *args: str) -> str:
@@ -182,9 +184,11 @@ def test_probe_refuses_hidden_heads(tiny_experiment, tmp_path, capsys):
     assert "model.head_hidden must be 0 or null" in capsys.readouterr().err
 
 
-def test_probe_features_of_a_temporal_context_are_computed_once_per_frame(tiny_experiment, tmp_path):
+@pytest.mark.parametrize("rotations", [False, True])
+def test_probe_features_of_a_temporal_context_are_computed_once_per_frame(tiny_experiment, tmp_path, rotations):
     """`features` fusion: the probe's per-frame cache gives exactly what the network computes on the stacked
-    context images (each frame through the backbone, features concatenated oldest first)."""
+    context images (each frame through the backbone, features concatenated oldest first); with
+    model.average_rotations one row per orientation, whose mean is the network's."""
     import functools
 
     from cellmtl.config import load_config
@@ -201,15 +205,17 @@ def test_probe_features_of_a_temporal_context_are_computed_once_per_frame(tiny_e
     train_ds = datasets(cfg, exp, indices, build_normalizer(cfg, exp, indices["train"]))[0]
     train_ds.augment_cfg = None  # the probe reads training frames as they are
     model = MultiTaskNet(ModelSpec("resnet18", 4, "multitask", head_hidden=0, context_frames=2,
-                                   temporal_fusion="features")).eval()
+                                   temporal_fusion="features", average_rotations=rotations)).eval()
     frames, plan = context_plan(train_ds)
     assert plan.shape == (len(train_ds), 2) and len(frames) < 2 * len(train_ds)  # shared frames are read once
     loader = functools.partial(make_loader, batch_size=4, num_workers=0, device=torch.device("cpu"))
     cached = dataset_features(model, train_ds, loader, torch.device("cpu"))
     with torch.no_grad():
         direct = torch.cat([model.features(b["image"]) for b in loader(train_ds)]).numpy()
-    assert cached.shape == (len(train_ds), 1024)
-    np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-5)
+    assert cached.shape == (len(train_ds), 8 if rotations else 1, 1024)
+    np.testing.assert_allclose(cached.mean(1), direct, rtol=1e-4, atol=1e-5)
+    if rotations:  # the rows are the orientations' own features, not eight copies of the mean
+        assert np.abs(cached[:, 1] - cached[:, 0]).max() > 1e-3
 
 
 @pytest.mark.parametrize("time_head", ["shared", "conditioned"])
@@ -265,3 +271,62 @@ def test_batchnorm_calibration_frames_span_every_training_stack(tiny_experiment,
         from cellmtl.training.rundir import close_logger
 
         close_logger(s.logger)
+
+
+def test_average_rotations_gives_features_that_do_not_depend_on_orientation():
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 32, 32)
+    turned = [torch.rot90(x, 1, (2, 3)), x.flip(3), torch.rot90(x, 3, (2, 3)).flip(2)]
+    plain = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=0)).eval()
+    averaged = MultiTaskNet(ModelSpec("resnet18", 2, "multitask", head_hidden=0, average_rotations=True)).eval()
+    averaged.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        ref = averaged.features(x)
+        for t in turned:
+            torch.testing.assert_close(averaged.features(t), ref, atol=1e-5, rtol=1e-4)
+        assert (plain.features(turned[0]) - plain.features(x)).abs().max() > 1e-3  # without it they differ
+    with pytest.raises(BadInputError, match="square"):
+        averaged.features(torch.rand(1, 2, 32, 48))
+    with pytest.raises(BadInputError, match="average_rotations"):
+        averaged.feature_layer()  # Grad-CAM needs one backbone pass
+
+
+@pytest.mark.slow
+def test_probe_with_average_rotations_predicts_a_turned_stack_alike_and_exports(capsys, tiny_experiment, tmp_path):
+    """model.average_rotations through the product: a probe run with temporal context (features fusion) predicts
+    the same for every stack turned by 90 degrees as for the original, and its ONNX export gives the network's
+    output."""
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_experiment,
+                       model={"head_hidden": None, "temporal_fusion": "features", "average_rotations": True},
+                       training={"strategy": "probe"}, data={"temporal_context_hours": [-2, 0]})
+    run = Path(cli(capsys, "train", "--config", str(cfg)))
+    ckpt = Checkpoint.load(run / "checkpoints" / "best.pt")
+    assert ckpt.model_spec.average_rotations and ckpt.model_spec.feature_frames == 2
+    assert "frozen-feature frames in 8 orientations each" in (run / "train.log").read_text()
+    turned = tmp_path / "turned"
+    for tif in (tmp_path / "stacks").glob("*.tif"):
+        write_hyperstack(turned / "stacks" / tif.name, np.ascontiguousarray(np.rot90(tifffile.imread(tif), 1,
+                                                                                     (2, 3))))
+    (turned / "manifest.csv").write_text(tiny_experiment.read_text())
+    tables = []
+    for manifest in (tiny_experiment, turned / "manifest.csv"):
+        out = tmp_path / f"{manifest.parent.name}.csv"
+        cli(capsys, "predict", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--manifest", str(manifest),
+            "--out", str(out))
+        with out.open() as fh:
+            tables.append(list(csv.DictReader(fh)))
+    assert len(tables[0]) == len(tables[1]) == 48
+    for a, b in zip(*tables, strict=True):
+        assert (a["stack_id"], a["frame"]) == (b["stack_id"], b["frame"])
+        for key in ("prob_infected", "pred_time_hours"):
+            assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-4), (key, a, b)
+    pytest.importorskip("onnxruntime")
+    import onnxruntime as ort
+
+    onnx_path = tmp_path / "m.onnx"
+    cli(capsys, "export", "--checkpoint", str(run / "checkpoints" / "best.pt"), "--format", "onnx",
+        "--out", str(onnx_path))
+    x = torch.rand(2, 4, 32, 32)
+    prob, *_ = ort.InferenceSession(str(onnx_path)).run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(prob, torch.sigmoid(ckpt.network()(x)["infected"]).numpy(), atol=1e-4)

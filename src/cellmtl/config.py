@@ -257,6 +257,10 @@ class ModelConfig(_Strict):
         "auto", description="with data.temporal_context_hours: channels = the frames stacked at the first "
         "convolution; features = each frame through the backbone, features concatenated; auto = features for "
         "pretrained weights, channels otherwise")
+    average_rotations: bool = Field(
+        False, description="average the backbone's pooled features over the frame's 4 rotations and their mirror "
+        "images, in training and in every prediction: features that do not depend on the well's orientation "
+        "(measured with training.strategy probe: docs/VALIDATION.md); costs 8 backbone passes per frame")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout probability in each head (before its last "
                            "Linear layer)")
     head_hidden: int | None = Field(

@@ -30,12 +30,15 @@ MAX_FOLDS = 4
 
 @torch.no_grad()
 def frame_features(model: MultiTaskNet, loader, device: torch.device) -> np.ndarray:
-    """`model.frame_features` of every sample of `loader`, in order: float32 `[N, F]` (backbone in eval mode)."""
+    """`model.oriented_features` of every sample of `loader`, in order: float32 `[N, orientations, F]` (backbone in
+    eval mode)."""
     model.eval()
     out = []
     for batch in loader:
-        out.append(model.frame_features(batch["image"].to(device, non_blocking=True)).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.n_features), np.float32)
+        feats = model.oriented_features(batch["image"].to(device, non_blocking=True))
+        out.append(feats.float().cpu().transpose(0, 1))
+    width = model.n_features // model.spec.feature_frames
+    return torch.cat(out).numpy() if out else np.zeros((0, model.orientations, width), np.float32)
 
 
 def context_plan(ds: TimeCourseDataset) -> tuple[SampleIndex, np.ndarray]:
@@ -66,14 +69,16 @@ def context_frame_dataset(ds: TimeCourseDataset) -> tuple[TimeCourseDataset, np.
 
 
 def dataset_features(model: MultiTaskNet, ds: TimeCourseDataset, make_loader, device: torch.device) -> np.ndarray:
-    """The pooled features `[N, n_features]` that the heads read for every sample of `ds` (no augmentation), equal
-    to `model.features` on its images. `make_loader(dataset)` builds the DataLoader."""
+    """The pooled features that the heads read for every sample of `ds` (no augmentation) in each orientation,
+    `[N, orientations, n_features]` (one orientation: the frame as it is; the 8 `dihedral` ones with
+    `model.average_rotations`, the same for every context frame of a sample). Their mean over orientations is
+    `model.features` on the sample's images. `make_loader(dataset)` builds the DataLoader."""
     spec = model.spec
     if spec.feature_frames == 1:
         return frame_features(model, make_loader(ds), device)
     single, plan = context_frame_dataset(ds)
-    per_frame = frame_features(model, make_loader(single), device)
-    return per_frame[plan].reshape(len(ds), -1)
+    per_frame = frame_features(model, make_loader(single), device)  # [frames, orientations, F]
+    return per_frame[plan].transpose(0, 2, 1, 3).reshape(len(ds), model.orientations, -1)
 
 
 @dataclass

@@ -45,12 +45,18 @@ def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, A
     # BatchNorm statistics of these frames, not of ImageNet ("AdaBN"), as every later validation recalibrates them
     # (training.bn_recalibration_samples): lp_ft's heads must fit the features its fine-tuning starts from.
     recalibrate_batchnorm(s.model, calibration_loader(s), s.device, s.amp_dtype)
-    feats = probe.dataset_features(s.model, s.calib_ds, loader, s.device)
+    oriented = probe.dataset_features(s.model, s.calib_ds, loader, s.device)
+    index = s.calib_ds.index
+    # Each orientation's features a training row of its own (model.average_rotations: 8 per frame; the network
+    # averages them, which a linear head turns into the mean of the 8 rows' outputs). Measured against fitting
+    # on the averaged features: docs/VALIDATION.md, "What else was tried on the probe".
+    rows = oriented.reshape(-1, oriented.shape[-1])
     try:
-        chosen = probe.fit_heads(s.model, feats, s.calib_ds.index, balanced=cfg.data.balance != "none")
+        chosen = probe.fit_heads(s.model, rows, index.repeat(oriented.shape[1]),
+                                 balanced=cfg.data.balance != "none")
     except ValueError as exc:
         raise BadInputError(f"training.strategy {cfg.training.strategy}: {exc}") from None
-    index = s.calib_ds.index
+    feats = oriented.mean(1)
     with torch.no_grad():
         out = s.model.heads(torch.from_numpy(feats).to(s.device))
         hours = torch.from_numpy(np.nan_to_num(index.time_target)).to(s.device)
@@ -59,7 +65,8 @@ def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, A
     losses["total"] = weighted_total(losses, *fixed_weights(cfg))
     train = {f"train_{k}_loss": float(losses[k]) for k in ("total", "cls", "reg")}
     val, _ = validate(s, s.val_ds)
-    s.logger.info("probe: linear heads fitted on %d frozen-feature frames (%s); val: %s", len(feats),
+    turned = f" in {oriented.shape[1]} orientations each" if oriented.shape[1] > 1 else ""
+    s.logger.info("probe: linear heads fitted on %d frozen-feature frames%s (%s); val: %s", len(feats), turned,
                   ", ".join(f"{k} {v:g}" for k, v in chosen.items()),
                   format_metrics(val, [k for k in VAL_LOG_KEYS if k in val]).replace(": ", ":"))
     return train, val, chosen
