@@ -29,6 +29,9 @@ seed and their mean; nothing here changes the product.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -43,7 +46,6 @@ from sklearn.metrics import roc_auc_score
 
 from cellmtl.config import load_config
 from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
-from cellmtl.models import dihedral
 from cellmtl.runtime import make_loader
 from cellmtl.training import probe
 from cellmtl.training.loop import calibration_loader, recalibrate_batchnorm
@@ -75,27 +77,6 @@ def pooled(model, ds: TimeCourseDataset, batch_size: int) -> tuple[dict[str, np.
         parts["max"].append(maps.amax((2, 3)))
         parts["std"].append(maps.std((2, 3)))
     return {k: torch.cat(v).numpy()[plan].reshape(len(ds), -1) for k, v in parts.items()}, ds.index
-
-
-@torch.no_grad()
-def dihedral_pooled(model, ds: TimeCourseDataset, batch_size: int) -> np.ndarray:
-    """Per sample of `ds`, its context frames' average-pooled features for each of the 8 dihedral transforms (the
-    same transform for every context frame of a sample): `[len(ds), 8, n_ctx * F]`."""
-    single, plan = probe.context_frame_dataset(ds)
-    model.eval()
-    parts = []
-    for batch in make_loader(single, batch_size=batch_size, num_workers=0, device=torch.device("cpu")):
-        parts.append(torch.stack([model.frame_features(t) for t in dihedral(batch["image"])], 1))
-    feats = torch.cat(parts).numpy()[plan]  # [len(ds), n_ctx, 8, F]
-    return feats.transpose(0, 2, 1, 3).reshape(len(ds), 8, -1)
-
-
-class Rows:
-    """A SampleIndex's labels repeated for `n` feature rows per sample (what fit_and_score reads)."""
-
-    def __init__(self, index: SampleIndex, n: int):
-        self.stack, self.infected = np.repeat(index.stack, n), np.repeat(index.infected, n)
-        self.time_target = np.repeat(index.time_target, n)
 
 
 def standardised(tr: np.ndarray, va: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -153,11 +134,15 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
             tr, itr = pooled(s.model, s.calib_ds, bs)
             va, iva = pooled(s.model, s.val_ds, bs)
             if order == "ordered" and args.dihedral:
-                d_tr, d_va = dihedral_pooled(s.model, s.calib_ds, bs), dihedral_pooled(s.model, s.val_ds, bs)
+                # the product's per-orientation features (probe.dataset_features), BatchNorm statistics as above
+                rot = copy.deepcopy(s.model)
+                rot.spec = dataclasses.replace(rot.spec, average_rotations=True)
+                loader = functools.partial(make_loader, batch_size=bs, num_workers=0, device=s.device)
+                d_tr, d_va = (probe.dataset_features(rot, ds, loader, s.device) for ds in (s.calib_ds, s.val_ds))
                 m_tr, m_va = d_tr.mean(1), d_va.mean(1)
                 every = d_tr.reshape(-1, d_tr.shape[-1])  # each transform a training row of its own
                 for name, a, ia in (("dihedral mean of train and val frames", m_tr, itr),
-                                    ("8 transforms as training rows, val dihedral mean", every, Rows(itr, 8))):
+                                    ("8 transforms as training rows, val dihedral mean", every, itr.repeat(8))):
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         m = fit_and_score(a, ia, m_va, iva, False,

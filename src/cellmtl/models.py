@@ -94,8 +94,8 @@ class ModelSpec:
 
 def dihedral(x: torch.Tensor) -> list[torch.Tensor]:
     """The 8 rotations and reflections of square images `[..., H, W]`: a well's cells have no up, down or left, so
-    features averaged over them lose nothing and no longer vary with the frame's orientation (on the hold-out
-    experiment the probe's time error fell by 0.4-0.7 h on every seed: docs/VALIDATION.md)."""
+    features averaged over them no longer vary with the frame's orientation (measured: docs/VALIDATION.md, "What
+    else was tried on the probe")."""
     turns = [torch.rot90(x, k, (-2, -1)) for k in range(4)]
     return turns + [t.flip(-1) for t in turns]
 
@@ -215,6 +215,8 @@ class MultiTaskNet(nn.Module):
     def frame_features(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, stem_chans, H, W]` (one frame; under `channels` fusion all frames stacked) -> the backbone's pooled
         features `[B, F]` (with `spec.average_rotations`, their mean over the 8 `dihedral` transforms)."""
+        if not self.spec.average_rotations:
+            return self.backbone(self.stem_input(x))  # the training hot path: no stack / mean copy
         return self.oriented_features(x).mean(0)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -52,7 +52,7 @@ def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, A
     # on the averaged features: docs/VALIDATION.md, "What else was tried on the probe".
     rows = oriented.reshape(-1, oriented.shape[-1])
     try:
-        chosen = probe.fit_heads(s.model, rows, index.repeat(oriented.shape[1]),
+        chosen = probe.fit_heads(s.model, rows, index.repeat(s.model.orientations),
                                  balanced=cfg.data.balance != "none")
     except ValueError as exc:
         raise BadInputError(f"training.strategy {cfg.training.strategy}: {exc}") from None
@@ -65,7 +65,7 @@ def probe_heads(s: Setup) -> tuple[dict[str, float], dict[str, Any], dict[str, A
     losses["total"] = weighted_total(losses, *fixed_weights(cfg))
     train = {f"train_{k}_loss": float(losses[k]) for k in ("total", "cls", "reg")}
     val, _ = validate(s, s.val_ds)
-    turned = f" in {oriented.shape[1]} orientations each" if oriented.shape[1] > 1 else ""
+    turned = f" in {s.model.orientations} orientations each" if s.model.orientations > 1 else ""
     s.logger.info("probe: linear heads fitted on %d frozen-feature frames%s (%s); val: %s", len(feats), turned,
                   ", ".join(f"{k} {v:g}" for k, v in chosen.items()),
                   format_metrics(val, [k for k in VAL_LOG_KEYS if k in val]).replace(": ", ":"))
