@@ -19,7 +19,11 @@ own functions (cellmtl.training.probe: stack-grouped CV for both strengths) on f
   8 rotations and reflections (val and train), or the 8 transforms as training rows of their own with the val
   features averaged; infection head on changes;
 - `oof`: the ridge's time output mapped by a line fitted to its out-of-fold predictions on the training stacks
-  (undoing the shrinkage towards the mean, if there is one to undo).
+  (undoing the shrinkage towards the mean, if there is one to undo);
+- `--views K` (instead of the rows above but the product's): K augmented views of every training sample (the
+  training loader's own `data.augment`: flips, rot90, per-channel gain and offset, the same for a sample's context
+  frames) as extra training rows of both heads, the val frames as they are: what fine-tuning's augmentation gives,
+  at K times the probe's feature time.
 
 The `pool avg, BatchNorm frames ordered, context as changes (infection head)` row reproduces quality_pretrained.py's
 `probe+ctx` figures (the plain `avg` / `ordered` row: the product before it). Prints val cls_auc and reg_mae per
@@ -112,6 +116,21 @@ def fit_and_score(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleI
     return {"cls_auc": float(roc_auc_score(iva.infected, logit)), "reg_mae": float(np.abs(pred - t)[timed].mean())}
 
 
+@torch.no_grad()
+def augmented_views(model, ds: TimeCourseDataset, views: int, batch_size: int) -> list[np.ndarray]:
+    """`views` augmented passes over `ds` (its own augmentation, seeded per sample and view as in training's
+    epochs): the network's pooled features of each sample, `[N, n_features]` per view."""
+    model.eval()
+    out = []
+    for view in range(views):
+        feats = []
+        for start in range(0, len(ds), batch_size):
+            x = torch.stack([ds[(i, view)]["image"] for i in range(start, min(start + batch_size, len(ds)))])
+            feats.append(model.features(x))
+        out.append(torch.cat(feats).numpy())
+    return out
+
+
 def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     manifest = make_data(args.out, seed, args.stacks)
     cfg_path = args.out / f"config_probe_variants_{args.stacks}_seed{seed}.yaml"
@@ -124,7 +143,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     n_ctx = s.model.spec.feature_frames
     rows = []
     try:
-        for order in ("ordered",) if args.dihedral else ("ordered", "shuffled"):
+        for order in ("ordered",) if args.dihedral or args.views else ("ordered", "shuffled"):
             if order == "ordered":  # the product's frames (all of them at this size)
                 loader = calibration_loader(s)
             else:
@@ -133,6 +152,16 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
             recalibrate_batchnorm(s.model, loader, s.device)
             tr, itr = pooled(s.model, s.calib_ds, bs)
             va, iva = pooled(s.model, s.val_ds, bs)
+            if order == "ordered" and args.views:
+                x_tr = np.concatenate([tr["avg"], *augmented_views(s.model, s.train_ds, args.views, bs)])
+                i_rows = SampleIndex.concat([itr] * (args.views + 1))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    m = fit_and_score(x_tr, i_rows, va["avg"], iva, False,
+                                      (probe.as_changes(x_tr, n_ctx), probe.as_changes(va["avg"], n_ctx)))
+                rows.append({"seed": seed, "variant": f"pool avg, {args.views} augmented views of each training "
+                             "sample as extra rows, context as changes (infection head)", **m})
+                print(json.dumps(rows[-1]), flush=True)
             if order == "ordered" and args.dihedral:
                 # the product's per-orientation features (probe.dataset_features), BatchNorm statistics as above
                 rot = copy.deepcopy(s.model)
@@ -151,8 +180,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
                                  **m})
                     print(json.dumps(rows[-1]), flush=True)
             for pool, keys in POOLS.items():
-                if args.dihedral and pool != "avg":
-                    continue  # --dihedral: only the product's rows beside the dihedral ones
+                if (args.dihedral or args.views) and pool != "avg":
+                    continue  # --dihedral, --views: only the product's rows beside theirs
                 if order == "shuffled" and pool.startswith("avg of"):
                     continue  # inner blocks: measured with the product's frame order only
                 x_tr, x_va = (np.concatenate([d[k] for k in keys], axis=1) for d in (tr, va))
@@ -182,6 +211,8 @@ def main() -> None:
     ap.add_argument("--context", default="[-6,-3,0]", help="data.temporal_context_hours")
     ap.add_argument("--dihedral", action="store_true", help="instead: features averaged over the 8 rotations "
                     "and reflections of each frame (8x the feature time), beside the product's rows (pool avg)")
+    ap.add_argument("--views", type=int, default=0, metavar="K", help="instead: K augmented views of every "
+                    "training sample as extra training rows, beside the product's rows (pool avg)")
     ap.add_argument("--weights", type=Path, default=ROOT / ".weights" / "mobilenet_v2_imagenet.pt")
     args = ap.parse_args()
     rows = [r for seed in args.seeds for r in one_seed(args, seed)]
