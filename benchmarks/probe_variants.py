@@ -1,8 +1,9 @@
 """What else the probe could do, measured before building it: pooling of the frozen features, the order of the
-frames that re-estimate BatchNorm, and an out-of-fold recalibration of the time output.
+frames that re-estimate BatchNorm, an out-of-fold recalibration of the time output, rotations and reflections, and
+augmented views as extra training rows.
 
     python benchmarks/probe_variants.py [--stacks 12] [--seeds 0 1 2] [--out /tmp/cellmtl_pretrained]
-        [--context "[-6,-3,0]"] [--weights .weights/mobilenet_v2_imagenet.pt]
+        [--context "[-6,-3,0]"] [--dihedral | --views K] [--weights .weights/mobilenet_v2_imagenet.pt]
 
 Each seed's experiment is the one quality_pretrained.py renders (shared through `--out`) and the network is its
 `probe+ctx` variant (ImageNet MobileNetV2, 224 px, one ridge per class). The heads are fitted with the product's
