@@ -50,7 +50,7 @@ from sklearn.linear_model import Ridge
 from sklearn.metrics import roc_auc_score
 
 from cellmtl.config import load_config
-from cellmtl.data.dataset import SampleIndex, TimeCourseDataset
+from cellmtl.data.dataset import EpochSampler, SampleIndex, TimeCourseDataset
 from cellmtl.runtime import make_loader
 from cellmtl.training import probe
 from cellmtl.training.loop import calibration_loader, recalibrate_batchnorm
@@ -119,17 +119,24 @@ def fit_and_score(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleI
 
 @torch.no_grad()
 def augmented_views(model, ds: TimeCourseDataset, views: int, batch_size: int) -> list[np.ndarray]:
-    """`views` augmented passes over `ds` (its own augmentation, seeded per sample and view as in training's
-    epochs): the network's pooled features of each sample, `[N, n_features]` per view."""
+    """`views` augmented passes over `ds` in index order, keyed `(sample, view)` as training's `EpochSampler`
+    keys `(sample, epoch)`, so each view is one epoch's augmentation: the network's pooled features of each
+    sample, `[N, n_features]` per view."""
     model.eval()
+    sampler = EpochSampler(len(ds), shuffle=False, seed=0)  # the order only; augmentation is seeded per key
     out = []
     for view in range(views):
-        feats = []
-        for start in range(0, len(ds), batch_size):
-            x = torch.stack([ds[(i, view)]["image"] for i in range(start, min(start + batch_size, len(ds)))])
-            feats.append(model.features(x))
-        out.append(torch.cat(feats).numpy())
+        sampler.set_epoch(view)
+        loader = make_loader(ds, batch_size=batch_size, num_workers=0, device=torch.device("cpu"), sampler=sampler)
+        out.append(torch.cat([model.features(batch["image"]) for batch in loader]).numpy())
     return out
+
+
+def fit_on_changes(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleIndex, n_ctx: int) -> dict:
+    """`fit_and_score` with the infection head on changes (`probe.as_changes`), as the product fits it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fit_and_score(tr, itr, va, iva, False, (probe.as_changes(tr, n_ctx), probe.as_changes(va, n_ctx)))
 
 
 def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
@@ -144,7 +151,8 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
     n_ctx = s.model.spec.feature_frames
     rows = []
     try:
-        for order in ("ordered",) if args.dihedral or args.views else ("ordered", "shuffled"):
+        alone = args.dihedral or args.views > 0  # their rows beside the product's, nothing else
+        for order in ("ordered",) if alone else ("ordered", "shuffled"):
             if order == "ordered":  # the product's frames (all of them at this size)
                 loader = calibration_loader(s)
             else:
@@ -155,11 +163,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
             va, iva = pooled(s.model, s.val_ds, bs)
             if order == "ordered" and args.views:
                 x_tr = np.concatenate([tr["avg"], *augmented_views(s.model, s.train_ds, args.views, bs)])
-                i_rows = SampleIndex.concat([itr] * (args.views + 1))
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    m = fit_and_score(x_tr, i_rows, va["avg"], iva, False,
-                                      (probe.as_changes(x_tr, n_ctx), probe.as_changes(va["avg"], n_ctx)))
+                m = fit_on_changes(x_tr, SampleIndex.concat([itr] * (args.views + 1)), va["avg"], iva, n_ctx)
                 rows.append({"seed": seed, "variant": f"pool avg, {args.views} augmented views of each training "
                              "sample as extra rows, context as changes (infection head)", **m})
                 print(json.dumps(rows[-1]), flush=True)
@@ -173,16 +177,13 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
                 every = d_tr.reshape(-1, d_tr.shape[-1])  # each transform a training row of its own
                 for name, a, ia in (("dihedral mean of train and val frames", m_tr, itr),
                                     ("8 transforms as training rows, val dihedral mean", every, itr.repeat(8))):
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        m = fit_and_score(a, ia, m_va, iva, False,
-                                          (probe.as_changes(a, n_ctx), probe.as_changes(m_va, n_ctx)))
+                    m = fit_on_changes(a, ia, m_va, iva, n_ctx)
                     rows.append({"seed": seed, "variant": f"pool avg, {name}, context as changes (infection head)",
                                  **m})
                     print(json.dumps(rows[-1]), flush=True)
             for pool, keys in POOLS.items():
-                if (args.dihedral or args.views) and pool != "avg":
-                    continue  # --dihedral, --views: only the product's rows beside theirs
+                if alone and pool != "avg":
+                    continue
                 if order == "shuffled" and pool.startswith("avg of"):
                     continue  # inner blocks: measured with the product's frame order only
                 x_tr, x_va = (np.concatenate([d[k] for k in keys], axis=1) for d in (tr, va))
@@ -210,9 +211,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", type=Path, default=Path("/tmp/cellmtl_pretrained"))
     ap.add_argument("--context", default="[-6,-3,0]", help="data.temporal_context_hours")
-    ap.add_argument("--dihedral", action="store_true", help="instead: features averaged over the 8 rotations "
+    instead = ap.add_mutually_exclusive_group()
+    instead.add_argument("--dihedral", action="store_true", help="instead: features averaged over the 8 rotations "
                     "and reflections of each frame (8x the feature time), beside the product's rows (pool avg)")
-    ap.add_argument("--views", type=int, default=0, metavar="K", help="instead: K augmented views of every "
+    instead.add_argument("--views", type=int, default=0, metavar="K", help="instead: K augmented views of every "
                     "training sample as extra training rows, beside the product's rows (pool avg)")
     ap.add_argument("--weights", type=Path, default=ROOT / ".weights" / "mobilenet_v2_imagenet.pt")
     args = ap.parse_args()
