@@ -66,14 +66,15 @@ INNER = (6, 10, 13, 16, 17)  # MobileNetV2 blocks whose outputs are pooled too (
 
 
 @torch.no_grad()
-def pooled(model, ds: TimeCourseDataset, batch_size: int) -> tuple[dict[str, np.ndarray], SampleIndex]:
+def pooled(model, ds: TimeCourseDataset, batch_size: int, device: torch.device
+           ) -> tuple[dict[str, np.ndarray], SampleIndex]:
     """Per sample of `ds`, its context frames' feature maps pooled three ways (and inner blocks' outputs averaged),
     concatenated oldest first."""
     single, plan = probe.context_frame_dataset(ds)
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("avg", "max", "std", *(f"avg{b}" for b in INNER))}
-    for batch in make_loader(single, batch_size=batch_size, num_workers=0, device=torch.device("cpu")):
-        maps = model.stem_input(batch["image"])
+    for batch in make_loader(single, batch_size=batch_size, num_workers=0, device=device):
+        maps = model.stem_input(batch["image"].to(device))
         for b, block in enumerate(model.backbone.features):  # torchvision MobileNetV2's conv trunk, block by block
             maps = block(maps)
             if b in INNER:
@@ -81,7 +82,7 @@ def pooled(model, ds: TimeCourseDataset, batch_size: int) -> tuple[dict[str, np.
         parts["avg"].append(maps.mean((2, 3)))
         parts["max"].append(maps.amax((2, 3)))
         parts["std"].append(maps.std((2, 3)))
-    return {k: torch.cat(v).numpy()[plan].reshape(len(ds), -1) for k, v in parts.items()}, ds.index
+    return {k: torch.cat(v).cpu().numpy()[plan].reshape(len(ds), -1) for k, v in parts.items()}, ds.index
 
 
 def standardised(tr: np.ndarray, va: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +94,13 @@ def fit_and_score(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleI
                   cls_features: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The probe's heads (logistic; ridge per class, the predicted class picking the output) on train, val metrics.
     `cls_features` (train, val): other features for the infection head than for the time head."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's convergence / conditioning chatter, as probe.fit_heads does
+        return _fit_and_score(tr, itr, va, iva, oof, cls_features)
+
+
+def _fit_and_score(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleIndex, oof: bool,
+                   cls_features: tuple[np.ndarray, np.ndarray] | None) -> dict:
     a, b = standardised(tr, va)
     groups, labels = itr.stack.astype(np.int64), itr.infected.astype(np.int64)
     ca, cb = standardised(*cls_features) if cls_features is not None else (a, b)
@@ -118,7 +126,8 @@ def fit_and_score(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleI
 
 
 @torch.no_grad()
-def augmented_views(model, ds: TimeCourseDataset, views: int, batch_size: int) -> list[np.ndarray]:
+def augmented_views(model, ds: TimeCourseDataset, views: int, batch_size: int, device: torch.device
+                    ) -> list[np.ndarray]:
     """`views` augmented passes over `ds` in index order, keyed `(sample, view)` as training's `EpochSampler`
     keys `(sample, epoch)`, so each view is one epoch's augmentation: the network's pooled features of each
     sample, `[N, n_features]` per view."""
@@ -127,16 +136,14 @@ def augmented_views(model, ds: TimeCourseDataset, views: int, batch_size: int) -
     out = []
     for view in range(views):
         sampler.set_epoch(view)
-        loader = make_loader(ds, batch_size=batch_size, num_workers=0, device=torch.device("cpu"), sampler=sampler)
-        out.append(torch.cat([model.features(batch["image"]) for batch in loader]).numpy())
+        loader = make_loader(ds, batch_size=batch_size, num_workers=0, device=device, sampler=sampler)
+        out.append(torch.cat([model.features(batch["image"].to(device)).cpu() for batch in loader]).numpy())
     return out
 
 
 def fit_on_changes(tr: np.ndarray, itr: SampleIndex, va: np.ndarray, iva: SampleIndex, n_ctx: int) -> dict:
     """`fit_and_score` with the infection head on changes (`probe.as_changes`), as the product fits it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fit_and_score(tr, itr, va, iva, False, (probe.as_changes(tr, n_ctx), probe.as_changes(va, n_ctx)))
+    return fit_and_score(tr, itr, va, iva, False, (probe.as_changes(tr, n_ctx), probe.as_changes(va, n_ctx)))
 
 
 def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
@@ -159,10 +166,10 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
                 perm = torch.randperm(len(s.calib_ds), generator=torch.Generator().manual_seed(seed)).tolist()
                 loader = make_loader(s.calib_ds, batch_size=bs, num_workers=0, device=s.device, sampler=perm)
             recalibrate_batchnorm(s.model, loader, s.device)
-            tr, itr = pooled(s.model, s.calib_ds, bs)
-            va, iva = pooled(s.model, s.val_ds, bs)
+            tr, itr = pooled(s.model, s.calib_ds, bs, s.device)
+            va, iva = pooled(s.model, s.val_ds, bs, s.device)
             if order == "ordered" and args.views:
-                x_tr = np.concatenate([tr["avg"], *augmented_views(s.model, s.train_ds, args.views, bs)])
+                x_tr = np.concatenate([tr["avg"], *augmented_views(s.model, s.train_ds, args.views, bs, s.device)])
                 m = fit_on_changes(x_tr, SampleIndex.concat([itr] * (args.views + 1)), va["avg"], iva, n_ctx)
                 rows.append({"seed": seed, "variant": f"pool avg, {args.views} augmented views of each training "
                              "sample as extra rows, context as changes (infection head)", **m})
@@ -193,9 +200,7 @@ def one_seed(args: argparse.Namespace, seed: int) -> list[dict]:
                     + [(True, "")] * (pool == "avg")
                 for oof, diff in modes:
                     a, b = changes if diff == "both heads" else (x_tr, x_va)
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        m = fit_and_score(a, itr, b, iva, oof, changes if diff == "infection head" else None)
+                    m = fit_and_score(a, itr, b, iva, oof, changes if diff == "infection head" else None)
                     name = f"pool {pool}, BatchNorm frames {order}" + (", time oof-recalibrated" if oof else "") \
                         + (f", context as changes ({diff})" if diff else "")
                     rows.append({"seed": seed, "variant": name, **m})
